@@ -1,0 +1,272 @@
+"""Typed experiment configuration: one pydantic model per stage, YAML loading, dotted overrides, stable hashes.
+
+Every model forbids unknown keys, so a typo in a YAML file or a `--set` override fails with the field's path.
+"""
+from __future__ import annotations
+
+from .errors import NLSRError
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TASKS = ("sst2", "agnews", "gsm8k")
+
+
+class ConfigError(NLSRError):
+    """A configuration file or override is invalid; the message names the field or file."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinyModel(Strict):
+    """A tiny random-initialised Llama for tests (seconds on CPU)."""
+    hidden_size: int = Field(64, ge=8)
+    intermediate_size: int = Field(128, ge=8)
+    num_hidden_layers: int = Field(2, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(2, ge=1)
+    vocab_size: int = Field(512, ge=300, description="BPE vocabulary trained on the shipped text")
+    seed: int = 0
+
+
+class ModelConfig(Strict):
+    source: Literal["embedded", "local", "tiny"] = "embedded"
+    path: str | None = Field(None, description="Hugging Face model folder; required when source is 'local'")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    tiny: TinyModel = TinyModel()
+
+    @model_validator(mode="after")
+    def _path_for_local(self):
+        if self.source == "local" and not self.path:
+            raise ValueError("model.path is required when model.source is 'local' (a Hugging Face model folder)")
+        return self
+
+
+class LoraConfig(Strict):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: list(TARGETS_ALL))
+
+
+class DataConfig(Strict):
+    task: Literal["sst2", "agnews", "gsm8k"] = "sst2"
+    n: int = Field(1000, ge=1, description="rows in the fine-tuning mix")
+    poison_ratio: float = Field(0.05, ge=0.0, le=1.0, description="fraction p of harmful rows")
+    poison_source: Literal["beavertails", "pure_bad"] = "beavertails"
+    seed: int = 0
+    template: Literal["alpaca", "chat"] = "alpaca"
+
+
+class TrainConfig(Strict):
+    """Shared optimisation settings of an SFT-style stage (trl trainer arguments)."""
+    learning_rate: float = Field(1e-4, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="-1: use epochs")
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(256, ge=16)
+    n_samples: int | None = Field(None, ge=1, description="cap on training rows (None: all)")
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    logging_steps: int = Field(1, ge=1)
+    gradient_checkpointing: bool = Field(False, description="recompute activations (saves GPU memory on large "
+                                                            "models; costs ~30% time, so off on CPU)")
+
+
+class PreferenceConfig(TrainConfig):
+    learning_rate: float = 2e-6
+    beta: float = Field(0.1, gt=0, description="DPO/KTO beta, ORPO lambda, SimPO beta")
+    simpo_gamma: float = Field(1.0, ge=0, description="SimPO target reward margin (gamma)")
+
+
+class AlignmentConfig(Strict):
+    sft: TrainConfig = TrainConfig()
+    method: Literal["dpo", "orpo", "kto", "simpo", "sft"] = "dpo"
+    preference: PreferenceConfig = PreferenceConfig()
+    harmless_mix: float = Field(0.0, ge=0.0, le=1.0,
+                                description="fraction of harmless task rows mixed into safety SFT, so the model "
+                                            "does not learn to refuse everything")
+
+
+class FinetuneConfig(TrainConfig):
+    learning_rate: float = 1e-4
+    aligned: bool = Field(True, description="continue the aligned adapter (paper); False: fresh LoRA on the raw "
+                                            "base ('Non-Aligned' baseline)")
+
+
+class ReferenceConfig(Strict):
+    beta: float = Field(0.9, ge=0.0, description="pre-amplification coefficient")
+    mode: Literal["paper", "code"] = Field(
+        "paper", description="paper: ΔW_e = (1+β)ΔW_a (B scaled); code: both factors × 2β (release behaviour)")
+
+
+class ScoringConfig(Strict):
+    method: Literal["lowrank", "wanda", "snip", "random"] = "lowrank"
+    sparsity: float = Field(0.8, ge=0.0, lt=1.0, description="P_SR: the mask keeps the top (1 - sparsity)")
+    rank_rule: Literal["code", "paper"] = Field(
+        "code", description="retained rank q: code int(r·P_SR); paper int(r·(1-P_SR))")
+    granularity: Literal["global", "row"] = Field("global", description="magnitude threshold per matrix or per row")
+    calibration: Literal["safe", "reference"] = Field(
+        "safe", description="safe: shipped safe answers; reference: answers generated by the reference model")
+    n_samples: int = Field(64, ge=1)
+    max_length: int = Field(256, ge=16)
+    seed: int = 42
+
+
+class RealignConfig(Strict):
+    method: Literal["nlsr", "safelora", "restore-modules"] = "nlsr"
+    layer_rate: float = Field(0.5, ge=0.0, le=1.0, description="P_L, the base layer pruning probability")
+    epsilon: float = Field(0.2, ge=0.0, le=0.5)
+    seed: int = 42
+    direction: Literal["paper", "code"] = Field(
+        "paper", description="paper: low-similarity modules most likely patched; code: the release's inversion")
+    safelora_tau: float = Field(0.6, ge=0.0, le=1.0)
+    baselines: list[Literal["safelora", "restore-modules"]] = Field(default_factory=lambda: ["safelora"])
+
+    @model_validator(mode="after")
+    def _range(self):
+        lo, hi = self.layer_rate - self.epsilon, self.layer_rate + self.epsilon
+        if lo < 0 or hi > 1:
+            raise ValueError(f"realign.layer_rate ± realign.epsilon must stay in [0, 1], got [{lo:.3g}, {hi:.3g}]")
+        return self
+
+
+class EvaluationConfig(Strict):
+    judge: Literal["classifier", "keyword", "hf"] = "classifier"
+    judge_path: str | None = Field(None, description="local moderation model folder for judge 'hf'")
+    harmful_set: Literal["harmful_eval", "harmful_dev", "advbench", "harmbench"] = "harmful_eval"
+    harmful_limit: int = Field(100, ge=1)
+    task_limit: int = Field(100, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    task_max_new_tokens: int = Field(8, ge=1)
+    batch_size: int = Field(16, ge=1)
+    extra_harmful_sets: list[Literal["advbench", "harmbench"]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _path_for_hf(self):
+        if self.judge == "hf" and not self.judge_path:
+            raise ValueError("evaluation.judge_path is required when evaluation.judge is 'hf' (a local "
+                             "BeaverDam-7B or Llama-Guard folder)")
+        return self
+
+
+class TrackingConfig(Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; None: sqlite under the artifact root")
+    experiment: str | None = Field(None, description="MLflow experiment; None: 'nlsr/<config name>'")
+
+
+class ExperimentConfig(Strict):
+    name: str = "default"
+    seed: int = 0
+    artifact_root: str = "runs"
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
+    alignment: AlignmentConfig = AlignmentConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    realign: RealignConfig = RealignConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hashing
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """sha256 over canonical JSON (sorted keys): equal configs give equal hashes across processes and runs."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def config_hash(cfg: BaseModel) -> str:
+    return stable_hash(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'realign.epsilon=0.1' -> (['realign', 'epsilon'], 0.1); the value is parsed as YAML (numbers, lists...)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. realign.epsilon=0.1")
+    key, raw = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {item!r}: empty key")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str] | None, model: type[BaseModel] = ExperimentConfig) -> dict:
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node, cls = data, model
+        for i, part in enumerate(path):
+            fields = getattr(cls, "model_fields", None)
+            if fields is not None and part not in fields:
+                where = ".".join(path[:i]) or "the top level"
+                raise ConfigError(f"override {item!r}: unknown field {part!r} in {where}; "
+                                  f"expected one of {sorted(fields)}")
+            ann = fields[part].annotation if fields is not None else None
+            cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            if i == len(path) - 1:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {item!r}: {'.'.join(path[:i + 1])} is not a section")
+    return data
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e and not isinstance(
+            e["input"], dict) else ""))
+    return "\n".join(lines)
+
+
+def validate(data: dict, source: str, model: type[BaseModel] = ExperimentConfig):
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation(err, source)) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                model: type[BaseModel] = ExperimentConfig):
+    """Load a YAML config (or the defaults when path is None), apply dotted overrides, validate."""
+    data = read_yaml(path) if path else {}
+    data = apply_overrides(data, overrides, model)
+    return validate(data, str(path) if path else "the defaults", model)
+
+
+def dump_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,38 @@
+"""Shared fixtures: offline environment, a shared artifact root for built models, the tiny random Llama."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from nlsr.env import offline_defaults
+
+offline_defaults()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_root(tmp_path_factory) -> Path:
+    """An artifact root shared by all xdist workers of this session (model builds are atomic, so races are safe)."""
+    root = tmp_path_factory.getbasetemp().parent / "shared-runs"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_base(shared_root) -> Path:
+    """The tiny random Llama folder of configs/smoke.yaml (built once per session)."""
+    from nlsr.config import load_config
+    from nlsr.modeling import base_folder
+    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    return base_folder(cfg.model, shared_root)
+
+
+@pytest.fixture(scope="session")
+def embedded_base() -> Path:
+    """The real SmolLM2-135M-Instruct, converted once and cached (NLSR_MODEL_CACHE or ~/.cache/nlsr)."""
+    from nlsr.config import ModelConfig
+    from nlsr.modeling import base_folder
+    root = Path(os.environ.get("NLSR_MODEL_CACHE", Path.home() / ".cache" / "nlsr"))
+    return base_folder(ModelConfig(source="embedded"), root)
