@@ -18,7 +18,7 @@ ARGS ?=
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
 	DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false
 
-.PHONY: venv install run test test-fast bench clean-venv
+.PHONY: venv install run test test-fast bench clean-venv print-venv
 $(VENV)/.deps: requirements.lock
 	@echo ">> creating $(VENV)"
 	rm -rf $(VENV)
@@ -51,3 +51,6 @@ bench: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+print-venv:
+	@echo $(VENV)
