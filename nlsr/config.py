@@ -270,3 +270,55 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def dump_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# grids
+
+class GridConfig(Strict):
+    """A grid of cells: a base experiment config, overrides for every cell, and axes (dotted key -> values).
+
+    Example (configs/grids/table1.yaml):
+        name: table1-sst2
+        base: ../default.yaml            # relative to the grid file
+        overrides: [data.task=sst2]
+        axes: {data.poison_ratio: [0.01, 0.05, 0.1, 0.2], seed: [0]}
+    """
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    base: str = Field(..., description="experiment YAML, relative to the grid file (or absolute)")
+    overrides: list[str] = Field(default_factory=list, description="KEY=VALUE applied to every cell")
+    axes: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> values; the cells are "
+                                                                        "the cartesian product")
+
+    @model_validator(mode="after")
+    def _axes_non_empty(self):
+        for key, values in self.axes.items():
+            if not values:
+                raise ValueError(f"axes.{key}: expected a non-empty list of values")
+        return self
+
+    def base_path(self, grid_dir: str | Path = ".") -> Path:
+        path = Path(self.base).expanduser()
+        return path if path.is_absolute() else Path(grid_dir) / path
+
+    def points(self) -> list[dict[str, Any]]:
+        """The grid points, in order: one dict (dotted key -> value) per cell."""
+        import itertools
+        keys = list(self.axes)
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(self.axes[k] for k in keys))]
+
+    def cells(self, grid_dir: str | Path = ".", extra: list[str] | None = None) -> list[ExperimentConfig]:
+        """One validated ExperimentConfig per grid point (base + overrides + the point's values + extra)."""
+        base = self.base_path(grid_dir)
+        out = []
+        for point in self.points():
+            items = [f"{k}={json.dumps(v)}" for k, v in point.items()]
+            try:
+                out.append(load_config(base, [*self.overrides, *items, *(extra or [])]))
+            except ConfigError as err:
+                raise ConfigError(f"grid {self.name}, cell {point}: {err}") from None
+        return out
+
+
+def load_grid(path: str | Path) -> GridConfig:
+    return validate(read_yaml(path), str(path), GridConfig)

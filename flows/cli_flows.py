@@ -1,0 +1,179 @@
+"""`nlsr run | grid | report | deploy | ui`: the orchestration commands (plugged into flows/cli.py).
+
+No server is needed for `run`, `grid` (without --pool) and `report`: Prefect starts a temporary local API and
+MLflow writes to SQLite under the artifact root. Heavy imports happen inside the commands.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("run", help="run one experiment cell (all stages, cached) and print its results")
+    p.add_argument("config", nargs="?", default=None, help="experiment YAML (default: the built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set data.poison_ratio=0.1 (repeatable)")
+    p.set_defaults(func=_run)
+
+    g = sub.add_parser("grid", help="run a grid of cells (locally, or on a Prefect work pool with --pool)")
+    g.add_argument("grid", help="grid YAML (configs/grids/*.yaml)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to every cell (repeatable)")
+    g.add_argument("--pool", default=None, help="submit cells to this work pool (needs PREFECT_API_URL and "
+                                                "`nlsr deploy`); default: run them here, one after another")
+    g.add_argument("--deployment", default=None, help="deployment to submit to (default: nlsr-cell/nlsr-cell)")
+    g.add_argument("--timeout", type=float, default=None, help="seconds to wait for submitted cells")
+    g.set_defaults(func=_grid)
+
+    r = sub.add_parser("report", help="print the results table and write the plot")
+    r.add_argument("--root", default="runs", help="artifact root (default: runs)")
+    r.add_argument("--experiment", default=None,
+                   help="only the cells of this MLflow experiment (e.g. nlsr/table1-sst2); default: every "
+                        "finished cell under --root")
+    r.add_argument("--tracking-uri", default=None, help="MLflow URI for --experiment (default: as `nlsr run`)")
+    r.add_argument("--out", default=None, help="output folder (default: <root>/reports/<experiment or all>)")
+    r.set_defaults(func=_report)
+
+    d = sub.add_parser("deploy", help="register the cell flow with a Prefect server for a work pool")
+    d.add_argument("--pool", required=True, help="work pool name (created as a process pool if missing)")
+    d.add_argument("--name", default="nlsr-cell", help="deployment name (default: nlsr-cell)")
+    d.add_argument("--source", default=None, help="code location the workers load (default: this checkout)")
+    d.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="job variable env for the flow runs, e.g. CUDA_VISIBLE_DEVICES=0 (repeatable)")
+    d.set_defaults(func=_deploy)
+
+    u = sub.add_parser("ui", help="print (or --start) the MLflow and Prefect UI commands")
+    u.add_argument("--root", default="runs")
+    u.add_argument("--start", action="store_true", help="start both servers on 127.0.0.1 until Ctrl-C")
+    u.set_defaults(func=_ui)
+
+
+# --------------------------------------------------------------------------------------------- run
+
+def _root_override() -> list[str]:
+    """$NLSR_ARTIFACT_ROOT (set in the compose stack: the shared /data volume) replaces the config's
+    artifact_root; an explicit --set artifact_root=... still wins (it comes later)."""
+    root = os.environ.get("NLSR_ARTIFACT_ROOT")
+    return [f"artifact_root={root}"] if root else []
+
+
+def _run(args) -> int:
+    from nlsr.config import dump_yaml, load_config
+    cfg = load_config(args.config, [*_root_override(), *args.overrides])
+    print(f"# resolved config ({args.config or 'defaults'})\n{dump_yaml(cfg)}", flush=True)
+    _prestart_prefect(cfg)
+    t0 = time.perf_counter()
+    from flows.cell import cell
+    from nlsr import report
+    from tasks.tracking import experiment_name, tracking_uri
+    rows = cell(cfg)
+    print("\n" + report.markdown(rows, ("variant", "harmful_score", "task_accuracy")))
+    print(f"cell {cfg.name}: {time.perf_counter() - t0:.1f} s; artifacts under {Path(cfg.artifact_root).resolve()}")
+    print(f"MLflow: experiment {experiment_name(cfg)!r} at {tracking_uri(cfg)}")
+    return 0
+
+
+def _prestart_prefect(cfg=None) -> None:
+    """Without PREFECT_API_URL, Prefect starts a temporary API server at the first flow call (7-20 s). Start it
+    now, while a background thread imports torch / transformers / trl, so the two waits overlap.
+
+    The server is started from this (main) thread only: Prefect's SubprocessASGIServer is a singleton whose
+    start() is not thread-safe, and two threads starting it can leave an orphaned server process behind.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    import importlib
+    import threading
+
+    def heavy_imports():
+        try:
+            for name in ("torch", "transformers", "peft", "trl", "nlsr.training", "mlflow"):
+                importlib.import_module(name)
+            if cfg is not None:  # MLflow caches its SQL store per URI; opening it costs seconds
+                from tasks.tracking import client, tracking_uri
+                uri = tracking_uri(cfg)
+                if uri.startswith("sqlite:"):
+                    client(uri).search_experiments(max_results=1)
+        except Exception:  # noqa: BLE001 - the stage that needs it will report the error
+            return
+    worker = threading.Thread(target=heavy_imports, daemon=True)
+    worker.start()
+    try:
+        from prefect.server.api.server import SubprocessASGIServer
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED
+        if PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+            SubprocessASGIServer().start()  # the instance get_client() uses later
+    finally:
+        worker.join()
+
+
+# --------------------------------------------------------------------------------------------- grid
+
+def _grid(args) -> int:
+    from nlsr import report
+    from nlsr.config import load_grid
+    grid = load_grid(args.grid)
+    overrides = [*_root_override(), *args.overrides]
+    cells = grid.cells(Path(args.grid).parent, overrides)
+    print(f"grid {grid.name}: {len(cells)} cells over {', '.join(grid.axes) or 'no axes'}", flush=True)
+    if args.pool and not os.environ.get("PREFECT_API_URL"):
+        print("nlsr grid: --pool needs a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)",
+              file=sys.stderr)
+        return 2
+    _prestart_prefect()
+    from flows.grid import run_grid
+    t0 = time.perf_counter()
+    result = run_grid(grid.model_dump(mode="json"), str(Path(args.grid).parent.resolve()), overrides,
+                      pool=args.pool, deployment=args.deployment, timeout=args.timeout)
+    print("\n" + report.markdown(report.summarize(result["rows"])))
+    print(f"grid {grid.name}: {time.perf_counter() - t0:.1f} s; table and plot in {result['out']}")
+    if result["failed"]:
+        print(f"nlsr grid: {len(result['failed'])} cell(s) failed: {result['failed']}; run the same command "
+              f"again to resume them (finished stages are reused)", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- report
+
+def _report(args) -> int:
+    from flows.results import collect_rows
+    from nlsr import report
+    rows = collect_rows(args.root, args.experiment, args.tracking_uri)
+    if not rows:
+        print(f"nlsr report: no finished cells under {args.root}"
+              + (f" in experiment {args.experiment!r}" if args.experiment else ""), file=sys.stderr)
+        return 1
+    name = (args.experiment or "all").replace("/", "-")
+    out = Path(args.out) if args.out else Path(args.root) / "reports" / name
+    paths = report.write_results(rows, out, title=args.experiment)
+    print(report.markdown(report.summarize(rows)))
+    print(f"{len(rows)} rows; table: {paths['rows']}, {paths['markdown']}; plot: {paths['plot']}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- deploy, ui
+
+def _deploy(args) -> int:
+    if not os.environ.get("PREFECT_API_URL"):
+        print("nlsr deploy: set PREFECT_API_URL to the Prefect server (e.g. http://127.0.0.1:4200/api)",
+              file=sys.stderr)
+        return 2
+    from flows.deploy import deploy_cell
+    env = dict(item.split("=", 1) for item in args.env)
+    deployment_id = deploy_cell(args.pool, args.name, args.source, env)
+    print(f"deployed nlsr-cell/{args.name} ({deployment_id}) on pool {args.pool}; start a worker with\n"
+          f"  prefect worker start --pool {args.pool} --limit 1")
+    return 0
+
+
+def _ui(args) -> int:
+    from flows.servers import start_uis, ui_commands
+    if not args.start:
+        for name, cmd in ui_commands(args.root).items():
+            print(f"# {name}\n{cmd}\n")
+        return 0
+    return start_uis(args.root)

@@ -1,0 +1,143 @@
+"""The method's own commands, usable without any server:
+
+  nlsr reference --base B --aligned ADAPTER --beta 0.9 [--mode paper|code] --out DIR
+  nlsr score     --base B --reference ADAPTER --calibration FILE.jsonl --method lowrank --sparsity 0.8 --out MASKS
+  nlsr realign   --base B --reference ADAPTER --finetuned ADAPTER --masks MASKS --out DIR [--method nlsr|...]
+
+B is a model folder, 'embedded' or 'tiny'. Each command prints a short summary and writes a JSON report next to
+its output (DIR/reference_report.json, MASKS with suffix .report.json, DIR/realign_report.json).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_commands(sub) -> None:
+    _add_reference(sub)
+    _add_score(sub)
+    _add_realign(sub)
+
+
+def _base_args(p, required: bool = True) -> None:
+    p.add_argument("--base", required=required, help="'embedded', 'tiny' or a Hugging Face model folder")
+    p.add_argument("--artifact-root", default="runs", help="where 'embedded' / 'tiny' bases are built and cached")
+
+
+def _config(cls, values: dict):
+    """A validated config section from command-line values (out-of-range values fail as ConfigError)."""
+    from nlsr.config import validate
+    return validate({k: v for k, v in values.items() if v is not None}, "the command line", cls)
+
+
+def _existing(path: str, what: str) -> Path:
+    from nlsr.errors import NLSRError
+    p = Path(path)
+    if not p.exists():
+        raise NLSRError(f"{what} {p} does not exist")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+def _add_reference(sub) -> None:
+    p = sub.add_parser("reference", help="build the safety reference adapter (pre-amplified aligned LoRA)")
+    _base_args(p, required=False)
+    p.add_argument("--aligned", required=True, help="the aligned LoRA adapter folder")
+    p.add_argument("--beta", type=float, default=None, help="pre-amplification coefficient β (default 0.9)")
+    p.add_argument("--mode", choices=["paper", "code"], default=None,
+                   help="paper: ΔW_e = (1+β)ΔW_a (default); code: both factors × 2β as released")
+    p.add_argument("--out", required=True, help="output adapter folder")
+    p.set_defaults(func=_reference)
+
+
+def _reference(args) -> int:
+    from nlsr.config import ReferenceConfig
+    from nlsr.modeling import resolve_base
+    from nlsr.realign import check_base
+    from nlsr.reference import REPORT_NAME, build_reference
+    cfg = _config(ReferenceConfig, {"beta": args.beta, "mode": args.mode})
+    aligned = _existing(args.aligned, "aligned adapter")
+    if args.base:
+        check_base(resolve_base(args.base, args.artifact_root), aligned)
+    rep = build_reference(aligned, Path(args.out), cfg)
+    print(f"reference adapter {args.out}: {rep['n_modules']} modules, mode {rep['mode']}, β {rep['beta']}: "
+          f"A × {rep['scale_A']:g}, B × {rep['scale_B']:g}, ΔW × {rep['delta_w_scale']:g} "
+          f"(report {Path(args.out) / REPORT_NAME})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- score
+
+def _add_score(sub) -> None:
+    p = sub.add_parser("score", help="find the safety-critical neurons of a reference adapter (mask file)")
+    _base_args(p)
+    p.add_argument("--reference", required=True, help="the safety reference adapter folder")
+    p.add_argument("--calibration", default=None,
+                   help="JSONL with 'prompt' and 'response' fields (default: the shipped safe calibration set)")
+    p.add_argument("--method", choices=["lowrank", "wanda", "snip", "random"], default=None)
+    p.add_argument("--sparsity", type=float, default=None, help="P_SR: the mask keeps the top (1 - sparsity)")
+    p.add_argument("--n-samples", type=int, default=None, help="calibration rows used (seeded draw)")
+    p.add_argument("--max-length", type=int, default=None, help="response tokens per sample")
+    p.add_argument("--rank-rule", choices=["code", "paper"], default=None)
+    p.add_argument("--granularity", choices=["global", "row"], default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--template", choices=["alpaca", "chat"], default="alpaca")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--out", required=True, help="output mask file (.safetensors)")
+    p.set_defaults(func=_score)
+
+
+def _score(args) -> int:
+    from nlsr import data
+    from nlsr.config import ScoringConfig
+    from nlsr.modeling import resolve_base
+    from nlsr.scoring import report_path, score_neurons
+    cfg = _config(ScoringConfig, {"method": args.method, "sparsity": args.sparsity, "n_samples": args.n_samples,
+                                  "max_length": args.max_length, "rank_rule": args.rank_rule,
+                                  "granularity": args.granularity, "seed": args.seed})
+    reference = _existing(args.reference, "reference adapter")
+    if args.calibration:
+        rows = data.read_jsonl(args.calibration, required=("prompt", "response"))
+    else:
+        rows = data.calibration_set(cfg.n_samples, seed=cfg.seed)
+    base = resolve_base(args.base, args.artifact_root)
+    rep = score_neurons(base, reference, rows, cfg, Path(args.out), args.template, args.device, args.dtype)
+    print(f"masks {args.out}: {rep['n_masks']} factors, method {rep['method']}, kept {rep['kept_fraction']:.3f} "
+          f"of entries, {rep['n_samples']} samples / {rep['response_tokens']} response tokens, "
+          f"{rep['wall_s']:.1f} s (report {report_path(Path(args.out))})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- realign
+
+def _add_realign(sub) -> None:
+    p = sub.add_parser("realign", help="restore safety-critical neurons of a fine-tuned adapter (training-free)")
+    _base_args(p, required=False)
+    p.add_argument("--reference", required=True, help="the safety reference adapter folder")
+    p.add_argument("--finetuned", required=True, help="the fine-tuned adapter folder (read only)")
+    p.add_argument("--masks", default=None, help="mask file from `nlsr score` (required for --method nlsr)")
+    p.add_argument("--out", required=True, help="output adapter folder")
+    p.add_argument("--method", choices=["nlsr", "safelora", "restore-modules"], default=None)
+    p.add_argument("--layer-rate", type=float, default=None, help="P_L, base pruning probability (0.5)")
+    p.add_argument("--epsilon", type=float, default=None, help="ε, probability spread by similarity rank (0.2)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--direction", choices=["paper", "code"], default=None)
+    p.add_argument("--tau", type=float, default=None, help="SafeLoRA similarity threshold τ (0.6)")
+    p.set_defaults(func=_realign)
+
+
+def _realign(args) -> int:
+    from nlsr.config import RealignConfig
+    from nlsr.modeling import resolve_base
+    from nlsr.realign import REPORT_NAME, realign
+    cfg = _config(RealignConfig, {"method": args.method, "layer_rate": args.layer_rate, "epsilon": args.epsilon,
+                                  "seed": args.seed, "direction": args.direction, "safelora_tau": args.tau})
+    reference = _existing(args.reference, "reference adapter")
+    finetuned = _existing(args.finetuned, "fine-tuned adapter")
+    masks = _existing(args.masks, "mask file") if args.masks else None
+    base = resolve_base(args.base, args.artifact_root) if args.base else None
+    rep = realign(base, reference, finetuned, masks, cfg, Path(args.out))
+    print(f"realigned adapter {args.out}: method {rep['method']}, patched {rep['n_patched']}/{rep['n_modules']} "
+          f"modules, {rep['entries_changed']} entries changed (report {Path(args.out) / REPORT_NAME})")
+    return 0

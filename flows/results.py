@@ -1,0 +1,71 @@
+"""Result rows for `nlsr report`: from the artifact store (every finished cell) or from one MLflow experiment."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nlsr.artifacts import ArtifactStore
+from nlsr.errors import NLSRError
+
+METRICS = ("harmful_score", "task_accuracy")
+
+
+def store_rows(root: str | Path) -> list[dict]:
+    """Rows of every finished cell report under the artifact root."""
+    store = ArtifactStore(root)
+    rows = []
+    for key in store.keys("report"):
+        rows += json.loads((store.path("report", key) / "rows.json").read_text())
+    return rows
+
+
+def mlflow_rows(root: str | Path, experiment: str, uri: str | None = None) -> list[dict]:
+    """Rows of the cell runs of one MLflow experiment: read from the store when the run's report artifact is
+    there (tag nlsr.key.report), else rebuilt from the run's metrics and tags."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import check_server
+    uri = uri or _default_uri(root)
+    check_server(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = [e.name for e in client.search_experiments()]
+        raise NLSRError(f"no MLflow experiment {experiment!r} at {uri}; experiments: {names}")
+    store, rows = ArtifactStore(root), []
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`nlsr.kind` = 'cell'", max_results=10000)
+    for run in runs:
+        tags, key = run.data.tags, run.data.tags.get("nlsr.key.report")
+        if run.info.status != "FINISHED":
+            continue
+        if key and store.done("report", key):
+            rows += json.loads((store.path("report", key) / "rows.json").read_text())
+        else:
+            rows += _rows_from_metrics(run.data.metrics, tags, run.data.params)
+    return rows
+
+
+def _rows_from_metrics(metrics: dict, tags: dict, params: dict) -> list[dict]:
+    variants = sorted({k.split("/")[0] for k in metrics if k.endswith(tuple(f"/{m}" for m in METRICS))})
+    base = {"name": params.get("name"), "task": tags.get("nlsr.task"), "alignment": tags.get("nlsr.alignment"),
+            "scorer": tags.get("nlsr.scorer"), "realign": params.get("realign.method"),
+            "poison_ratio": _float(tags.get("nlsr.poison_ratio")), "seed": _int(tags.get("nlsr.seed")),
+            "config_hash": tags.get("nlsr.config_hash", "")[:12]}
+    return [{**base, "variant": v, **{m: metrics.get(f"{v}/{m}") for m in METRICS}} for v in variants]
+
+
+def _float(x):
+    return None if x in (None, "") else float(x)
+
+
+def _int(x):
+    return None if x in (None, "") else int(x)
+
+
+def _default_uri(root: str | Path) -> str:
+    import os
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ArtifactStore(root).root / 'mlflow.db'}"
+
+
+def collect_rows(root: str | Path, experiment: str | None = None, uri: str | None = None) -> list[dict]:
+    return mlflow_rows(root, experiment, uri) if experiment else store_rows(root)

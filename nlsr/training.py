@@ -1,0 +1,244 @@
+"""Training stages with trl + peft: safety SFT (merged into W0), preference alignment, harmful fine-tuning.
+
+Paper names: W0 = the raw base with the safety-SFT LoRA merged in; the *aligned adapter* ΔW_a = a fresh LoRA
+trained with DPO / ORPO / KTO / SimPO on top of W0; the *fine-tuned adapter* ΔW_t = the aligned adapter trained
+further on the user's (poisoned) data, so that ΔW_t and ΔW_a share one LoRA basis (the transplant needs it).
+
+Every stage returns a small JSON-able dict: wall time, the per-step losses as [step, loss] pairs (for MLflow),
+and the final trainer metrics. Losses are computed on response tokens only (trl's prompt-completion format).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from . import data, modeling
+from .atomic import atomic_dir
+from .config import ExperimentConfig, TrainConfig
+from .errors import NLSRError
+
+METHODS = ("dpo", "orpo", "kto", "simpo", "sft")
+SFT_ADAPTER = "sft_adapter"   # inside the W0 folder: the safety-SFT LoRA before merging
+W0_INFO = "nlsr_w0.json"      # inside the W0 folder: which raw base it was merged from
+
+
+class TrainingError(NLSRError):
+    """A training stage cannot run with the given inputs; the message names the field or file."""
+
+
+# ---------------------------------------------------------------------------------------------- trainer plumbing
+
+def _common_args(tc: TrainConfig, cfg: ExperimentConfig, workdir: str) -> dict:
+    """TrainingArguments shared by every trl config (fp32 on CPU, no checkpoints, no reporting)."""
+    device = modeling.resolve_device(cfg.model.device)
+    return dict(
+        output_dir=workdir, learning_rate=tc.learning_rate, num_train_epochs=tc.epochs, max_steps=tc.max_steps,
+        per_device_train_batch_size=tc.batch_size, gradient_accumulation_steps=tc.grad_accum,
+        max_length=tc.max_length, lr_scheduler_type=tc.lr_scheduler,
+        # transformers 5: a float warmup_steps in [0, 1) is a ratio of the total steps
+        warmup_steps=min(tc.warmup_ratio, 0.999), logging_steps=tc.logging_steps, logging_first_step=True,
+        seed=cfg.seed, data_seed=cfg.seed, report_to="none", save_strategy="no",
+        # trl defaults to gradient checkpointing and bf16: both cost time on CPU and bf16 is not accelerated there
+        activation_checkpointing=tc.gradient_checkpointing,
+        bf16=cfg.model.dtype == "bfloat16", fp16=cfg.model.dtype == "float16",
+        use_cpu=device.type == "cpu", dataloader_num_workers=0,
+    )
+
+
+def _fresh_lora(model, cfg: ExperimentConfig):
+    """The peft config of a fresh adapter. The trainer wraps the model itself: handing DPO/KTO an already-wrapped
+    model would make them copy the adapter as a 'ref' adapter, which then gets saved with it."""
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in cfg.lora.target_modules if t not in present]
+    if missing:
+        raise TrainingError(f"lora.target_modules {missing} do not exist in the model")
+    return modeling.peft_lora_config(cfg.lora)
+
+
+def _dataset(rows: list[dict], what: str):
+    from datasets import Dataset
+    if not rows:
+        raise TrainingError(f"{what}: the training set is empty")
+    return Dataset.from_list(rows)
+
+
+def _check_room(tok, prompts: list[str], tc: TrainConfig, what: str) -> None:
+    """Fail when no prompt leaves room for a response within max_length: trl would silently train on nothing
+    (SFT drops such rows, the preference trainers keep empty completions)."""
+    if prompts and all(len(tok(p)["input_ids"]) >= tc.max_length for p in prompts):
+        raise TrainingError(f"{what}: every prompt fills max_length={tc.max_length} tokens, so no response token "
+                            "is left to train on; raise max_length")
+
+
+def _sft_trainer(model, tok, rows: list[dict], tc: TrainConfig, cfg: ExperimentConfig, workdir: str,
+                 peft_config=None):
+    """SFTTrainer on {prompt, completion} rows: EOS appended, labels -100 on the prompt (completion_only_loss)."""
+    from trl import SFTConfig, SFTTrainer
+    _check_room(tok, [r["prompt"] for r in rows], tc, "SFT")
+    args = SFTConfig(**_common_args(tc, cfg, workdir), completion_only_loss=True, dataset_num_proc=None)
+    return SFTTrainer(model=model, args=args, train_dataset=_dataset(rows, "SFT"), processing_class=tok,
+                      peft_config=peft_config)
+
+
+def _preference_trainer(method: str, model, tok, cfg: ExperimentConfig, workdir: str):
+    """The trl trainer of one preference method, with a fresh LoRA on `model` (W0)."""
+    pc = cfg.alignment.preference
+    common = _common_args(pc, cfg, workdir)
+    peft_config = _fresh_lora(model, cfg)
+    if method == "kto":
+        from trl import KTOConfig, KTOTrainer
+        rows = data.kto_set(pc.n_samples, cfg.data.template, tok)
+        _check_room(tok, [r["prompt"] for r in rows], pc, "KTO")
+        args = KTOConfig(**common, beta=pc.beta)
+        # reference = the adapter-disabled model (W0): exactly the paper's reference policy
+        return KTOTrainer(model=model, args=args, train_dataset=_dataset(rows, "KTO"), processing_class=tok,
+                          peft_config=peft_config)
+    rows = data.preference_set(pc.n_samples, cfg.data.template, tok)
+    _check_room(tok, [r["prompt"] for r in rows], pc, method)
+    train = _dataset(rows, f"{method} preference")
+    if method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+        # Reference log-probs are computed on the fly with the adapter disabled: precomputing them costs the same
+        # forward passes over the whole set, more than the steps we train when max_steps < one epoch.
+        args = DPOConfig(**common, beta=pc.beta, loss_type=["sigmoid"])
+        return DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tok, peft_config=peft_config)
+    if method == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+        args = ORPOConfig(**common, beta=pc.beta, remove_unused_columns=False)  # beta is ORPO's lambda
+        return ORPOTrainer(model=model, args=args, train_dataset=train, processing_class=tok, peft_config=peft_config)
+    if method == "simpo":
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+        # SimPO = CPO's simpo loss without the NLL term (cpo_alpha 0): reference-free, length-normalised
+        args = CPOConfig(**common, beta=pc.beta, loss_type="simpo", cpo_alpha=0.0, simpo_gamma=pc.simpo_gamma,
+                         remove_unused_columns=False)
+        return CPOTrainer(model=model, args=args, train_dataset=train, processing_class=tok, peft_config=peft_config)
+    raise TrainingError(f"unknown alignment.method {method!r}; expected one of {list(METHODS)}")
+
+
+def _numbers(entry: dict) -> dict:
+    return {k: float(v) for k, v in entry.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def _run(trainer, n_rows: int, tc: TrainConfig, what: str) -> dict:
+    """Train; return the loss curve as [step, loss] pairs and the last logged metrics."""
+    if len(trainer.train_dataset) == 0:
+        # trl drops rows whose response is truncated away entirely: say why instead of a sampler error
+        raise TrainingError(f"{what}: all {n_rows} training rows were dropped, their prompts fill "
+                            f"max_length={tc.max_length} tokens; raise max_length")
+    out = trainer.train()
+    logs = trainer.state.log_history
+    losses = [[int(e["step"]), float(e["loss"])] for e in logs if "loss" in e and "step" in e]
+    last = next((e for e in reversed(logs) if "loss" in e), {})
+    return {"losses": losses, "train_loss": float(out.training_loss), "steps": int(trainer.state.global_step),
+            "final": _numbers(last)}
+
+
+def _load(folder: Path, cfg: ExperimentConfig):
+    modeling.num_threads_hint()
+    return modeling.load_model(folder, cfg.model.dtype, cfg.model.device), modeling.load_tokenizer(folder)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+def safety_sft(cfg: ExperimentConfig, base: Path, out: Path) -> dict:
+    """LoRA SFT on safe answers (+ harmless task rows), merged into `base`: `out` becomes W0.
+
+    `out/sft_adapter` keeps the unmerged SFT LoRA (the 'sft' alignment method uses it on the raw base), and
+    `out/nlsr_w0.json` names the raw base.
+    """
+    t0 = time.time()
+    tc = cfg.alignment.sft
+    model, tok = _load(base, cfg)
+    rows = data.safety_sft_set(tc.n_samples, cfg.alignment.harmless_mix, cfg.data.task, cfg.seed)
+    pc_rows = data.as_prompt_completion(rows, cfg.data.template, tok)
+    modeling.set_seed(cfg.seed)  # the LoRA init draws random numbers
+    with tempfile.TemporaryDirectory(prefix="nlsr-sft-") as work:
+        trainer = _sft_trainer(model, tok, pc_rows, tc, cfg, work, peft_config=_fresh_lora(model, cfg))
+        result = _run(trainer, len(rows), tc, "safety SFT")
+    peft_model = trainer.model
+    with atomic_dir(out, overwrite=True) as tmp:
+        modeling.save_adapter(peft_model, tmp / SFT_ADAPTER, extra={"stage": "safety_sft", "base": str(base)})
+        # merge in memory (the adapter is saved above): same result as modeling.merge_to_folder, one load less
+        merged = peft_model.merge_and_unload()
+        merged.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / W0_INFO).write_text(json.dumps({"raw_base": str(base), "n_rows": len(rows)}, indent=2))
+    return {**result, "n_rows": len(rows), "wall_s": round(time.time() - t0, 2)}
+
+
+def raw_base_of(w0: Path) -> Path:
+    """The raw base a W0 folder was merged from (recorded by safety_sft)."""
+    info = Path(w0) / W0_INFO
+    if not info.is_file():
+        raise TrainingError(f"{w0} is not a W0 folder written by safety_sft (no {W0_INFO})")
+    return Path(json.loads(info.read_text())["raw_base"])
+
+
+def aligned_base(cfg: ExperimentConfig, w0: Path) -> Path:
+    """The base the aligned adapter applies to: W0, except for method 'sft' (the SFT LoRA on the raw base)."""
+    return raw_base_of(w0) if cfg.alignment.method == "sft" else Path(w0)
+
+
+def preference_align(cfg: ExperimentConfig, w0: Path, out: Path) -> dict:
+    """Train the aligned adapter ΔW_a with cfg.alignment.method on top of W0; `out` = the adapter folder.
+
+    Method 'sft' (Table 2's SFT row) trains nothing: the aligned adapter is a copy of the SFT LoRA, applied on the
+    raw base. The returned dict's "base" (and out/nlsr_adapter.json) names the base the adapter belongs on, for
+    every method: W0, or the raw base for 'sft'. `aligned_base(cfg, w0)` gives the same answer.
+    """
+    t0 = time.time()
+    method = cfg.alignment.method
+    if method not in METHODS:
+        raise TrainingError(f"unknown alignment.method {method!r}; expected one of {list(METHODS)}")
+    w0 = Path(w0)
+    if method == "sft":
+        return _copy_sft_adapter(w0, out, t0)
+    model, tok = _load(w0, cfg)
+    modeling.set_seed(cfg.seed)
+    with tempfile.TemporaryDirectory(prefix=f"nlsr-{method}-") as work:
+        trainer = _preference_trainer(method, model, tok, cfg, work)
+        result = _run(trainer, cfg.alignment.preference.n_samples or 0, cfg.alignment.preference, method)
+    modeling.save_adapter(trainer.model, out, extra={"stage": "preference_align", "method": method,
+                                                     "base": str(w0)})
+    return {**result, "method": method, "base": str(w0), "n_rows": len(trainer.train_dataset),
+            "wall_s": round(time.time() - t0, 2)}
+
+
+def _copy_sft_adapter(w0: Path, out: Path, t0: float) -> dict:
+    src = w0 / SFT_ADAPTER
+    modeling.adapter_config(src)  # fails clearly when W0 has no SFT adapter
+    raw = raw_base_of(w0)
+    with atomic_dir(out, overwrite=True) as tmp:
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(src / f, tmp / f)
+        (tmp / "nlsr_adapter.json").write_text(json.dumps(
+            {"stage": "preference_align", "method": "sft", "base": str(raw)}, indent=2))
+    return {"method": "sft", "base": str(raw), "losses": [], "steps": 0, "wall_s": round(time.time() - t0, 2)}
+
+
+def finetune(cfg: ExperimentConfig, base: Path, adapter: Path | None, mix_file: Path, out: Path) -> dict:
+    """Harmful fine-tuning on the poisoned mix: keep training `adapter` (ΔW_t starts at ΔW_a, same basis);
+    adapter None = a fresh LoRA on `base` (the 'Non-Aligned' baseline). `out` = the fine-tuned adapter."""
+    t0 = time.time()
+    rows = data.read_jsonl(mix_file, required=("instruction", "output"))
+    model, tok = _load(base, cfg)
+    pc_rows = data.as_prompt_completion(rows, cfg.data.template, tok)
+    modeling.set_seed(cfg.seed)
+    peft_config = None
+    if adapter is None:
+        peft_config = _fresh_lora(model, cfg)
+    else:
+        model = modeling.load_adapter(model, adapter, trainable=True)  # checks the adapter fits this base
+    with tempfile.TemporaryDirectory(prefix="nlsr-finetune-") as work:
+        trainer = _sft_trainer(model, tok, pc_rows, cfg.finetune, cfg, work, peft_config=peft_config)
+        result = _run(trainer, len(rows), cfg.finetune, "fine-tuning")
+    n_unsafe = sum(r.get("flag") == "unsafe" for r in rows)
+    modeling.save_adapter(trainer.model, out, extra={
+        "stage": "finetune", "base": str(base), "continued_from": None if adapter is None else str(adapter),
+        "mix": str(mix_file)})
+    return {**result, "n_rows": len(rows), "n_unsafe": n_unsafe, "base": str(base),
+            "continued_from": None if adapter is None else str(adapter), "wall_s": round(time.time() - t0, 2)}

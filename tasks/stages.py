@@ -1,0 +1,202 @@
+"""One Prefect task per stage: compute the artifact key, run the library function through the artifact store,
+return a small `Ref` (stage, key, path, metrics). No tensors cross a task boundary.
+
+Every task:
+- is cached by Prefect on its artifact key (`policy.StageCache`; bind a root with `policy.bind` / `bound`);
+- is idempotent on its own: `ArtifactStore.run` returns the finished artifact when `_SUCCESS` exists and holds a
+  file lock on the key while computing, so concurrent cells never train the same thing twice;
+- retries transient errors (I/O, network) twice, never out-of-memory or configuration errors;
+- honours the testing hook NLSR_FAIL_STAGE=<stage> (see `policy.maybe_fail`).
+
+Library modules are imported inside the tasks: importing this module stays cheap and needs no torch.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Callable
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from nlsr.artifacts import ArtifactStore, Ref
+from nlsr.config import ExperimentConfig
+
+from .keys import STAGE_VERSIONS, cell_descriptor, model_key, stage_config
+from .policy import bind, call_key, maybe_fail, retry_transient, stage_inputs
+
+MIX_FILE = "mix.jsonl"
+MASKS_FILE = "masks.safetensors"
+RETRY = dict(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
+
+
+def _log(message: str) -> None:
+    try:
+        get_run_logger().info(message)
+    except Exception:  # noqa: BLE001 - called outside a run (task.fn in a notebook): print instead
+        print(message)
+
+
+def run_stage(stage: str, params: dict, body: Callable[[Path], dict | None], output: str | None = None) -> Ref:
+    """The common body of every stage task: key, store, failure hook, log line."""
+    cfg: ExperimentConfig = params["cfg"]
+    key = call_key(stage, params)
+    store = ArtifactStore(cfg.artifact_root)
+    meta = {"version": STAGE_VERSIONS[stage],
+            "config": cell_descriptor(cfg) if stage == "report" else stage_config(stage, cfg, params.get("method")),
+            "inputs": ({v: r.key for v, r in params["evals"].items()} if stage == "report"
+                       else stage_inputs(params))}
+    computed = []
+
+    def fn(out: Path):
+        computed.append(True)
+        maybe_fail(stage, out if output is None else out.parent)
+        return small_metrics(body(out) or {})
+
+    ref = store.run(stage, key, fn, meta, output)
+    wall = ArtifactStore(cfg.artifact_root).meta(stage, key)["timings"]["wall_s"]
+    _log(f"{stage} {key}: {'computed in %.1f s' % wall if computed else 'reused (artifact store hit)'} -> {ref.path}")
+    return ref
+
+
+def small_metrics(metrics: dict, max_list: int = 10_000) -> dict:
+    """What a Ref carries: scalars, short lists (losses: (step, loss) pairs) and flat dicts of scalars. Bulky
+    values (generated samples...) stay in the artifact folder."""
+    def small(v, depth=0):
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return True
+        if isinstance(v, (list, tuple)):
+            return len(v) <= max_list and depth < 2 and all(small(x, depth + 1) for x in v)
+        if isinstance(v, dict):
+            return len(v) <= 1000 and depth < 1 and all(small(x, depth + 1) for x in v.values())
+        return False
+    return {k: v for k, v in metrics.items() if small(v) and not (k == "samples" and isinstance(v, list))}
+
+
+# --------------------------------------------------------------------------------------------- stages
+
+@task(name="base", cache_policy=NO_CACHE, **RETRY)
+def base(cfg: ExperimentConfig) -> Ref:
+    """The raw base model folder (built once and cached by nlsr.modeling under <root>/models)."""
+    from nlsr.modeling import base_folder
+    return Ref(stage="base", key=model_key(cfg), path=str(base_folder(cfg.model, cfg.artifact_root)))
+
+
+@task(name="poison", **RETRY)
+def poison(cfg: ExperimentConfig) -> Ref:
+    def body(out: Path) -> dict:
+        from nlsr.data import poison_mix, write_jsonl
+        d = cfg.data
+        rows = poison_mix(d.task, d.n, d.poison_ratio, d.seed, d.poison_source)
+        write_jsonl(rows, out / MIX_FILE)
+        return {"n_rows": len(rows), "n_unsafe": sum(r["flag"] == "unsafe" for r in rows)}
+    return run_stage("poison", {"cfg": cfg}, body)
+
+
+@task(name="sft", **RETRY)
+def sft(cfg: ExperimentConfig, base: Ref) -> Ref:
+    """Alignment, part 1: safety SFT merged into the base (W0)."""
+    def body(out: Path) -> dict:
+        from nlsr.training import safety_sft
+        return safety_sft(cfg, Path(base.path), out)
+    return run_stage("sft", {"cfg": cfg, "base": base}, body)
+
+
+@task(name="align", **RETRY)
+def align(cfg: ExperimentConfig, w0: Ref) -> Ref:
+    """Alignment, part 2: the aligned LoRA adapter (cfg.alignment.method) on W0."""
+    def body(out: Path) -> dict:
+        from nlsr.training import preference_align
+        return preference_align(cfg, Path(w0.path), out)
+    return run_stage("align", {"cfg": cfg, "w0": w0}, body)
+
+
+@task(name="reference", **RETRY)
+def reference(cfg: ExperimentConfig, aligned: Ref) -> Ref:
+    def body(out: Path) -> dict:
+        from nlsr.reference import build_reference
+        return build_reference(Path(aligned.path), out, cfg.reference)
+    return run_stage("reference", {"cfg": cfg, "aligned": aligned}, body)
+
+
+@task(name="score", **RETRY)
+def score(cfg: ExperimentConfig, base: Ref, reference: Ref) -> Ref:
+    """Safety-critical neuron masks from the reference adapter and the calibration set."""
+    def body(out: Path) -> dict:
+        from nlsr.data import calibration_set
+        from nlsr.scoring import score_neurons
+        calibration = calibration_set(cfg.scoring.n_samples, cfg.scoring.seed)
+        return score_neurons(Path(base.path), Path(reference.path), calibration, cfg.scoring, out,
+                             template=cfg.data.template, device=cfg.model.device, dtype=cfg.model.dtype)
+    return run_stage("score", {"cfg": cfg, "base": base, "reference": reference}, body, output=MASKS_FILE)
+
+
+@task(name="finetune", **RETRY)
+def finetune(cfg: ExperimentConfig, base: Ref, adapter: Ref | None, mix: Ref) -> Ref:
+    """Harmful fine-tuning on the poisoned mix, continuing the aligned adapter (adapter None: Non-Aligned)."""
+    def body(out: Path) -> dict:
+        from nlsr.training import finetune as train
+        return train(cfg, Path(base.path), Path(adapter.path) if adapter else None, mix.file(MIX_FILE), out)
+    return run_stage("finetune", {"cfg": cfg, "base": base, "adapter": adapter, "mix": mix}, body)
+
+
+@task(name="realign", **RETRY)
+def realign(cfg: ExperimentConfig, base: Ref, reference: Ref, finetuned: Ref, masks: Ref | None,
+            method: str) -> Ref:
+    """NLSR (masks required) or a post-fine-tuning baseline (safelora, restore-modules)."""
+    def body(out: Path) -> dict:
+        from nlsr.realign import realign as run
+        return run(Path(base.path), Path(reference.path), Path(finetuned.path),
+                   masks.file(MASKS_FILE) if masks else None, cfg.realign, out, method=method)
+    params = {"cfg": cfg, "base": base, "reference": reference, "finetuned": finetuned, "masks": masks,
+              "method": method}
+    return run_stage("realign", params, body)
+
+
+@task(name="evaluate", **RETRY)
+def evaluate(cfg: ExperimentConfig, base: Ref, adapter: Ref | None) -> Ref:
+    """Harmful score and task accuracy of base + adapter (metrics.json, samples.jsonl with verdicts)."""
+    def body(out: Path) -> dict:
+        from nlsr.evaluation import evaluate as run
+        return run(cfg, Path(base.path), Path(adapter.path) if adapter else None, out, judge=_judge(cfg))
+    return run_stage("evaluate", {"cfg": cfg, "base": base, "adapter": adapter}, body)
+
+
+def _judge(cfg: ExperimentConfig):
+    """One judge per process and judge setting: a cell evaluates five variants, and building the classifier judge
+    costs seconds. None lets nlsr.evaluation build it."""
+    from nlsr import judges
+    if not hasattr(judges, "get_judge"):
+        return None
+    e = cfg.evaluation
+    return _cached_judge(e.judge, str(cfg.artifact_root), e.judge_path, cfg.model.device)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_judge(name: str, root: str, path: str | None, device: str):
+    from nlsr.judges import get_judge
+    return get_judge(name, root, path, device)
+
+
+@task(name="report", **RETRY)
+def report(cfg: ExperimentConfig, evals: dict[str, Ref]) -> Ref:
+    """The cell's results: rows.json, results.csv/.md and the safety-vs-accuracy plot."""
+    def body(out: Path) -> dict:
+        import json
+        from nlsr import report as rep
+        rows = rep.cell_rows(cell_descriptor(cfg), {v: r.metrics for v, r in evals.items()},
+                             {v: r.key for v, r in evals.items()})
+        rep.write_results(rows, out, title=cfg.name)
+        (out / "rows.json").write_text(json.dumps(rows, indent=2))
+        return {"rows": rows}
+    return run_stage("report", {"cfg": cfg, "evals": evals}, body)
+
+
+STAGE_TASKS = {"poison": poison, "sft": sft, "align": align, "reference": reference, "score": score,
+               "finetune": finetune, "realign": realign, "evaluate": evaluate, "report": report}
+
+
+def bound(root: str | Path) -> dict:
+    """All stage tasks with their Prefect cache records under `root` (plus the uncached `base`)."""
+    return {"base": base, **{name: bind(t, name, root) for name, t in STAGE_TASKS.items()}}

@@ -1,0 +1,192 @@
+"""The cell and grid flows on the smoke config: whole DAG, cache hits, MLflow contents, shared alignment, report.
+
+Runs real Prefect (a temporary local API server, one per test process) and MLflow (SQLite under the artifact
+root); nothing is mocked. Grouped on one xdist worker with tests/test_resume.py so they share that server.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+if "PREFECT_HOME" not in os.environ:  # a private Prefect home (its SQLite database), removed at exit
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="nlsr-test-prefect-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import pytest
+import yaml
+
+from nlsr.artifacts import ArtifactStore
+from nlsr.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+VARIANTS = {"aligned", "finetuned", "realigned", "safelora", "restore-modules"}
+
+pytestmark = pytest.mark.xdist_group("prefect")
+
+
+def smoke(root: Path, *extra: str):
+    return load_config(SMOKE, [f"artifact_root={root}", *extra])
+
+
+def computed(store: ArtifactStore) -> Counter:
+    return Counter((e["stage"], e["key"]) for e in store.events() if e["event"] == "computed")
+
+
+def task_states(flow_state) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    flow_run_id = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r.state.name for r in runs}
+
+
+@pytest.fixture(scope="session")  # not module: xdist may interleave test_resume, which would rerun a module fixture
+def first(tmp_path_factory):
+    from flows.cell import cell
+    root = tmp_path_factory.mktemp("flows-runs")
+    cfg = smoke(root)
+    t0 = time.perf_counter()
+    state = cell(cfg, return_state=True)
+    wall = time.perf_counter() - t0
+    assert state.is_completed(), state.message
+    return {"root": root, "cfg": cfg, "rows": state.result(), "wall": wall}
+
+
+def test_cell_runs_the_whole_dag(first):
+    from tasks.keys import plan
+    store, nodes = ArtifactStore(first["root"]), plan(first["cfg"])
+    assert {r["variant"] for r in first["rows"]} == VARIANTS
+    assert all(r["harmful_score"] is not None and r["task_accuracy"] is not None for r in first["rows"])
+    assert all(store.done(n.stage, n.key) for n in nodes.values())
+    assert len(nodes) == 15 and computed(store) == Counter({(n.stage, n.key): 1 for n in nodes.values()})
+    report = store.path("report", nodes["report"].key)
+    assert {"results.csv", "results.md", "pareto.png", "rows.json"} <= {p.name for p in report.iterdir()}
+
+
+def test_mlflow_holds_the_cell(first):
+    from tasks.tracking import client, experiment_name, tracking_uri
+    cfg = first["cfg"]
+    mlc = client(tracking_uri(cfg))
+    assert tracking_uri(cfg) == f"sqlite:///{first['root'] / 'mlflow.db'}"
+    exp = mlc.get_experiment_by_name(experiment_name(cfg))
+    (run,) = mlc.search_runs([exp.experiment_id], filter_string="tags.`nlsr.kind` = 'cell'")
+    m, tags = run.data.metrics, run.data.tags
+    assert run.info.status == "FINISHED"
+    for v in VARIANTS:
+        assert f"{v}/harmful_score" in m and f"{v}/task_accuracy" in m
+    assert m["sft/wall_s"] >= 0 and "realign/nlsr/n_patched" in m and "finetune/wall_s" in m
+    assert len(mlc.get_metric_history(run.info.run_id, "sft/step_loss")) == cfg.alignment.sft.max_steps
+    for tag in ("nlsr.config_hash", "git_commit", "version.torch", "version.prefect", "prefect.flow_run_id"):
+        assert tags.get(tag), tag
+    assert run.data.params["data.poison_ratio"] == "0.1"
+
+    def files(path=None):
+        out = []
+        for a in mlc.list_artifacts(run.info.run_id, path):
+            out += files(a.path) if a.is_dir else [a.path]
+        return out
+    names = set(files())
+    assert {"config.json", "realign/nlsr/realign_report.json", "realigned/samples.jsonl",
+            "report/pareto.png", "report/results.md"} <= names
+
+
+def test_second_run_is_all_cache_hits(first):
+    from flows.cell import cell
+    store = ArtifactStore(first["root"])
+    before = computed(store)
+    t0 = time.perf_counter()
+    state = cell(first["cfg"], return_state=True)
+    wall = time.perf_counter() - t0
+    assert state.is_completed() and state.result() == first["rows"]
+    assert computed(store) == before
+    states = task_states(state)
+    stages = {name: s for name, s in states.items() if not name.startswith("base")}
+    assert len(stages) == 15 and set(stages.values()) == {"Cached"}, states
+    print(f"first run {first['wall']:.1f} s, cached rerun {wall:.1f} s")
+    assert wall < first["wall"]
+
+
+def test_wiped_prefect_results_still_hit_the_store(first):
+    from flows.cell import cell
+    store = ArtifactStore(first["root"])
+    before = computed(store)
+    shutil.rmtree(first["root"] / ".prefect")
+    state = cell(first["cfg"], return_state=True)
+    assert state.is_completed() and state.result() == first["rows"]
+    assert computed(store) == before  # nothing recomputed: _SUCCESS is the truth
+    assert set(s for n, s in task_states(state).items() if not n.startswith("base")) == {"Completed"}
+
+
+def test_deleted_artifact_is_recomputed_alone(first):
+    from flows.cell import cell
+    from tasks.keys import plan
+    store = ArtifactStore(first["root"])
+    key = plan(first["cfg"])["report"].key
+    before = computed(store)
+    shutil.rmtree(store.path("report", key))  # its Prefect cache record is now stale
+    assert cell(first["cfg"], return_state=True).is_completed()
+    assert computed(store) - before == Counter({("report", key): 1})
+
+
+def test_grid_shares_alignment_and_reports(first, capsys):
+    from flows.cli import main
+    from tasks.keys import plan
+    root = first["root"]
+    grid = {"name": "pair", "base": str(SMOKE), "overrides": [f"artifact_root={root}"],
+            "axes": {"data.poison_ratio": [0.1, 0.2]}}
+    path = root / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    assert main(["grid", str(path)]) == 0
+    store = ArtifactStore(root)
+    cells = [smoke(root, f"data.poison_ratio={p}") for p in (0.1, 0.2)]
+    plans = [plan(c) for c in cells]
+    assert plans[0]["align"].key == plans[1]["align"].key and plans[0]["finetune"].key != plans[1]["finetune"].key
+    counts = computed(store)
+    for stage in ("sft", "align", "reference", "score"):
+        assert counts[(stage, plans[0][stage].key)] == 1, stage  # trained once, shared by both cells
+    assert counts[("finetune", plans[1]["finetune"].key)] == 1
+    out = root / "grids" / "pair"
+    from nlsr.report import read_csv
+    rows = read_csv(out / "results.csv")
+    assert len(rows) == 10 and {r["poison_ratio"] for r in rows} == {0.1, 0.2}
+    assert (out / "pareto.png").stat().st_size > 0 and (out / "results.md").is_file()
+
+    capsys.readouterr()
+    assert main(["report", "--root", str(root), "--experiment", "nlsr/pair"]) == 0
+    text = capsys.readouterr().out
+    assert "harmful score ⬇" in text and "restore-modules" in text and "10 rows" in text
+    assert (root / "reports" / "nlsr-pair" / "pareto.png").is_file()
+    assert main(["report", "--root", str(root)]) == 0  # every finished cell under the root
+    assert (root / "reports" / "all" / "results.csv").is_file()
+
+
+def test_retries_transient_errors_but_not_oom():
+    import torch
+    from prefect import flow, task
+
+    from tasks.policy import retry_transient
+    attempts = []
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_transient)
+    def flaky(kind: str) -> str:
+        attempts.append(kind)
+        if attempts.count(kind) == 1:
+            raise {"io": OSError("shared volume hiccup"), "oom": torch.OutOfMemoryError("CUDA out of memory")}[kind]
+        return "ok"
+
+    @flow
+    def run(kind: str):
+        return flaky(kind, return_state=True)
+
+    assert run("io", return_state=True).is_completed() and attempts.count("io") == 2
+    assert run("oom", return_state=True).is_failed() and attempts.count("oom") == 1

@@ -1,0 +1,74 @@
+"""Results table and the safety-vs-accuracy plot with its Pareto front (pure library)."""
+from __future__ import annotations
+
+from nlsr import report
+
+
+def rows():
+    out = []
+    for seed, shift in ((0, 0.0), (1, 2.0)):
+        for task in ("sst2", "agnews"):
+            for variant, hs, acc in (("aligned", 10, 80), ("finetuned", 60, 90), ("realigned", 20, 88),
+                                     ("safelora", 30, 70)):
+                out.append({"name": "t", "task": task, "poison_ratio": 0.05, "alignment": "dpo",
+                            "scorer": "lowrank", "realign": "nlsr", "seed": seed, "variant": variant,
+                            "harmful_score": hs + shift, "task_accuracy": acc - shift, "config_hash": "h",
+                            "eval_key": "k"})
+    return out
+
+
+def test_pareto_front():
+    pts = [(10, 80), (60, 90), (20, 88), (30, 70), (10, 75), (60, 85)]
+    assert sorted(report.pareto_front(pts)) == [0, 1, 2]  # (30,70), (10,75), (60,85) are dominated
+    assert report.pareto_front([]) == []
+
+
+def test_summarize_averages_seeds():
+    summary = report.summarize(rows())
+    assert len(summary) == 8  # 2 tasks x 4 variants
+    first = summary[0]
+    assert first["task"] == "agnews" and first["variant"] == "aligned"  # variant order, not alphabetical
+    assert first["n_seeds"] == 2 and first["harmful_score"] == 11.0 and first["task_accuracy"] == 79.0
+    assert round(first["harmful_std"], 4) == 1.4142
+
+
+def test_cell_rows():
+    out = report.cell_rows({"task": "sst2", "seed": 3, "poison_ratio": 0.1},
+                           {"aligned": {"harmful_score": 5, "task_accuracy": 50.0, "wall_s": 1}},
+                           {"aligned": "key"})
+    assert out == [{"task": "sst2", "seed": 3, "poison_ratio": 0.1, "variant": "aligned", "harmful_score": 5.0,
+                    "task_accuracy": 50.0, "eval_key": "key"}]
+
+
+def test_write_results(tmp_path):
+    paths = report.write_results(rows(), tmp_path, title="demo")
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = paths["markdown"].read_text()
+    assert md.startswith("# demo") and "harmful score ⬇" in md and md.count("\n| ") == 9
+    back = report.read_csv(paths["rows"])
+    assert len(back) == 16 and back[0]["harmful_score"] in (10, 12) and back[0]["seed"] in (0, 1)
+    assert len(report.read_csv(paths["summary"])) == 8
+
+
+def test_plot_without_points(tmp_path):
+    assert report.plot([], tmp_path / "empty.png").is_file()
+
+
+def test_grid_configs_expand():
+    """Every grid YAML in configs/grids expands into valid cells (paper grids need a model path)."""
+    from pathlib import Path
+
+    from nlsr.config import load_grid
+    folder = Path(__file__).resolve().parents[1] / "configs" / "grids"
+    grids = sorted(folder.glob("*.yaml"))
+    assert {g.stem for g in grids} >= {"table1", "table3", "paper-table1", "paper-table3"}
+    for path in grids:
+        grid = load_grid(path)
+        extra = ["model.path=/models/llama-3-8b", "evaluation.judge_path=/models/beaver-dam-7b"] if path.stem.startswith("paper") else []
+        cells = grid.cells(path.parent, extra)
+        assert len(cells) == len(grid.points()) > 1
+        if path.stem.endswith("table1"):
+            assert sorted({c.data.poison_ratio for c in cells}) == [0.01, 0.05, 0.1, 0.2]
+            assert {c.data.task for c in cells} == {"sst2"}
+        if path.stem.endswith("table3"):
+            assert {c.data.task for c in cells} == {"sst2", "agnews", "gsm8k"}
