@@ -163,6 +163,7 @@ class ArtifactStore:
         wall = time.perf_counter() - t0
         work.rename(final)
         shutil.rmtree(tmp, ignore_errors=True)
+        metrics = _relocate(metrics, str(work), str(final))
         record = {"stage": stage, "key": key, **meta, "metrics": _jsonable(metrics),
                   "versions": package_versions(),
                   "timings": {"started": started, "finished": _now(), "wall_s": round(wall, 3)},
@@ -209,3 +210,14 @@ class ArtifactStore:
 def _jsonable(obj: Any) -> Any:
     """Metrics as plain JSON (tuples of losses become lists; numpy / torch scalars become floats)."""
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def _relocate(obj, old: str, new: str):
+    """Paths a stage reported inside its temporary folder, rewritten to where the folder now lives."""
+    if isinstance(obj, str):
+        return new + obj[len(old):] if obj == old or obj.startswith(old + os.sep) else obj
+    if isinstance(obj, dict):
+        return {k: _relocate(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_relocate(v, old, new) for v in obj)
+    return obj

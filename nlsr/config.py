@@ -148,7 +148,8 @@ class EvaluationConfig(Strict):
     harmful_limit: int = Field(100, ge=1)
     task_limit: int = Field(100, ge=1)
     max_new_tokens: int = Field(48, ge=1)
-    task_max_new_tokens: int = Field(8, ge=1)
+    task_max_new_tokens: int | None = Field(
+        None, ge=1, description="None: per task (sst2 4, agnews 6, gsm8k 160: a worked solution needs room)")
     batch_size: int = Field(16, ge=1)
     extra_harmful_sets: list[Literal["advbench", "harmbench"]] = Field(default_factory=list)
 

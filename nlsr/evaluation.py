@@ -36,6 +36,10 @@ FINAL_ANSWER = "the final answer is"
 # a number not glued to a preceding digit or dot: "5-3" yields 5 and 3, "-3" stays negative, ".5" is 0.5
 NUMBER = re.compile(r"(?<![\d.])-?(?:\d+(?:\.\d+)?|\.\d+)")
 
+# New-token budget per task when evaluation.task_max_new_tokens is None: a label needs a few tokens, a GSM8K
+# answer a worked solution (the paper gives every task 200).
+TASK_MAX_NEW_TOKENS = {"sst2": 4, "agnews": 6, "gsm8k": 160}
+
 
 def clean_answer(text: str) -> str:
     """The answer proper: cut where the model starts a new Alpaca turn (or at the release's '!!!')."""
@@ -143,7 +147,8 @@ def _task(model, tok, cfg: ExperimentConfig) -> tuple[dict, list[dict]]:
     task, ev = cfg.data.task, cfg.evaluation
     rows = data.task_eval_set(task, ev.task_limit)
     prompts = [data.format_prompt(r["instruction"], r.get("input", ""), cfg.data.template, tok) for r in rows]
-    answers = _answers(model, tok, prompts, ev.task_max_new_tokens, cfg, f"{task} test")
+    budget = ev.task_max_new_tokens or TASK_MAX_NEW_TOKENS[task]
+    answers = _answers(model, tok, prompts, budget, cfg, f"{task} test")
     scored = [score_answer(task, a, r["output"]) for a, r in zip(answers, rows)]
     samples = [{"set": task, "prompt": r["instruction"] + ("\n" + r["input"] if r.get("input") else ""),
                 "answer": a, "gold": r["output"], **s} for r, a, s in zip(rows, answers, scored)]
@@ -170,9 +175,9 @@ def evaluate(cfg: ExperimentConfig, base: Path, adapter: Path | None, out: Path,
     task, task_samples = _task(model, tok, cfg)
     t3 = time.time()
     metrics = {**harm, **task, "judge": getattr(judge, "name", cfg.evaluation.judge),
-               "samples": str(Path(out) / "samples.jsonl"), "harmful_wall_s": round(t2 - t1, 2),
+               "samples": "samples.jsonl", "harmful_wall_s": round(t2 - t1, 2),
                "task_wall_s": round(t3 - t2, 2), "wall_s": round(time.time() - t0, 2)}
     with atomic_dir(out, overwrite=True) as tmp:
         data.write_jsonl(harm_samples + task_samples, tmp / "samples.jsonl")
-        write_json(metrics, tmp / "metrics.json")
-    return metrics
+        write_json(metrics, tmp / "metrics.json")  # 'samples' relative: the folder may be moved (artifact store)
+    return {**metrics, "samples": str(Path(out) / "samples.jsonl")}

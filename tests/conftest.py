@@ -1,7 +1,10 @@
 """Shared fixtures: offline environment, a shared artifact root for built models, the tiny random Llama."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,13 @@ import pytest
 from nlsr.env import offline_defaults
 
 offline_defaults()
+# Flow tests use a private Prefect home (its own SQLite database) and the local stores, never a user's server.
+if "PREFECT_HOME" not in os.environ:
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="nlsr-test-prefect-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -125,3 +125,18 @@ def test_two_processes_never_compute_the_same_key_twice(tmp_path):
     assert len(winners) == 1  # both got the one artifact
     assert len(computed(store, "align")) == 1
     assert sorted(e["event"] for e in store.events()) == ["computed", "hit", "start"]
+
+
+def test_paths_reported_inside_the_temporary_folder_point_to_the_final_one(tmp_path):
+    store = ArtifactStore(tmp_path)
+
+    def stage(out: Path) -> dict:
+        out.mkdir()
+        (out / "samples.jsonl").write_text("{}\n")
+        return {"samples": str(out / "samples.jsonl"), "files": [str(out / "samples.jsonl")], "other": "/x/y"}
+
+    ref = store.run("evaluate", "k1", stage)
+    final = store.path("evaluate", "k1")
+    assert ref.metrics["samples"] == str(final / "samples.jsonl") and Path(ref.metrics["samples"]).is_file()
+    assert ref.metrics["files"] == [str(final / "samples.jsonl")] and ref.metrics["other"] == "/x/y"
+    assert json.loads((final / SUCCESS).read_text())["metrics"]["samples"] == str(final / "samples.jsonl")

@@ -5,20 +5,10 @@ root); nothing is mocked. Grouped on one xdist worker with tests/test_resume.py 
 """
 from __future__ import annotations
 
-import atexit
-import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-
-if "PREFECT_HOME" not in os.environ:  # a private Prefect home (its SQLite database), removed at exit
-    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="nlsr-test-prefect-")
-    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
-os.environ.pop("PREFECT_API_URL", None)
-os.environ.pop("MLFLOW_TRACKING_URI", None)
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import pytest
 import yaml

@@ -3,7 +3,6 @@ split, its artifact cache, and the hf judge's code paths on tiny random models."
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np

@@ -3,19 +3,8 @@
 uninterrupted run's. The failure comes from the testing hook NLSR_FAIL_STAGE (tasks/policy.py)."""
 from __future__ import annotations
 
-import atexit
-import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
-
-if "PREFECT_HOME" not in os.environ:  # a private Prefect home (its SQLite database), removed at exit
-    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="nlsr-test-prefect-")
-    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
-os.environ.pop("PREFECT_API_URL", None)
-os.environ.pop("MLFLOW_TRACKING_URI", None)
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import pytest
 

@@ -187,7 +187,8 @@ def test_empty_mix_fails_clearly(tiny_base, tmp_path):
 
 
 def test_prompts_longer_than_max_length_fail_clearly(tiny_base, tmp_path):
-    cfg = load_config(ROOT / "configs" / "smoke.yaml")  # max_length 64 < the tiny tokenizer's Alpaca prompt
+    short = ["alignment.sft.max_length=64", "alignment.preference.max_length=64"]
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", short)  # 64 < the tiny tokenizer's Alpaca prompt (~100)
     with pytest.raises(training.TrainingError, match="raise max_length"):
         training.safety_sft(cfg, tiny_base, tmp_path / "w0")
     assert not (tmp_path / "w0").exists()
