@@ -51,7 +51,7 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
     out = []
     for key, members in groups.items():
         row = dict(zip((*AXES, "variant"), key))
-        row["n_seeds"] = len({m.get("seed") for m in members})
+        row["n_seeds"] = len(members)  # cells averaged: seeds, or data seeds (the shuffle of the poisoned mix)
         for name, std in (("harmful_score", "harmful_std"), ("task_accuracy", "accuracy_std")):
             vals = [m[name] for m in members if m.get(name) is not None]
             row[name] = statistics.fmean(vals) if vals else None

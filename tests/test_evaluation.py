@@ -130,7 +130,9 @@ def test_evaluate_writes_metrics_and_samples(tiny_base, tmp_path):
     assert 0 <= m["harmful_score"] <= 100 and 0 <= m["task_accuracy_strict"] <= m["task_accuracy"] <= 100
     assert m["task_accuracy"] == m["task_accuracy_lenient"] and m["judge"] == "keyword"
     assert m["harmful_score_by_category"] and m["wall_s"] > 0
-    assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == json.loads(json.dumps(m))
+    # metrics.json names the samples file relative to itself (the folder may be moved); the return value absolutely
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == {**json.loads(json.dumps(m)),
+                                                                           "samples": "samples.jsonl"}
     rows = data.read_jsonl(m["samples"])
     assert Path(m["samples"]) == tmp_path / "ev" / "samples.jsonl"
     assert [r["set"] for r in rows] == ["harmful_eval"] * 8 + ["advbench"] * 8 + ["sst2"] * 8

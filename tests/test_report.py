@@ -68,7 +68,13 @@ def test_grid_configs_expand():
         cells = grid.cells(path.parent, extra)
         assert len(cells) == len(grid.points()) > 1
         if path.stem.endswith("table1"):
-            assert sorted({c.data.poison_ratio for c in cells}) == [0.01, 0.05, 0.1, 0.2]
+            # the paper grid stops at p = 0.1: n = 1000 at p = 0.2 needs more harmful rows than are shipped
+            ratios = [0.01, 0.05, 0.1] if path.stem.startswith("paper") else [0.01, 0.05, 0.1, 0.2]
+            assert sorted({c.data.poison_ratio for c in cells}) == ratios
             assert {c.data.task for c in cells} == {"sst2"}
+        for c in cells:  # every cell's poisoned mix can be built from the shipped data
+            from nlsr.data import poison_mix
+            assert len(poison_mix(c.data.task, c.data.n, c.data.poison_ratio, c.data.seed, c.data.poison_source)) \
+                == c.data.n
         if path.stem.endswith("table3"):
             assert {c.data.task for c in cells} == {"sst2", "agnews", "gsm8k"}
