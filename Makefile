@@ -19,7 +19,9 @@ TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OF
 	DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false
 
 .PHONY: venv install run test test-fast bench clean-venv print-venv
-$(VENV)/.deps: requirements.lock
+# No prerequisite: the venv's path already names the lock's hash, and a fresh clone's newer file times must not
+# trigger a rebuild of a venv that other clones share.
+$(VENV)/.deps:
 	@echo ">> creating $(VENV)"
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
