@@ -221,22 +221,29 @@ def project_factors(A: torch.Tensor, B: torch.Tensor, G: torch.Tensor, sparsity:
 @torch.no_grad()
 def lowrank_project(peft_model, samples, cfg: ScoringConfig, device) -> dict[str, torch.Tensor]:
     """Project every LoRA factor of the model in place, layer-sequentially; return {weight key: projected}."""
+    projected = {}
+    for modules, stats in layer_sequential(peft_model, samples, device):
+        for name, m in modules.items():
+            A, B = m.lora_A["default"].weight, m.lora_B["default"].weight
+            A_hat, B_hat = project_factors(A, B, stats.gram[name], cfg.sparsity, cfg.rank_rule)
+            A.copy_(A_hat.to(A.dtype)), B.copy_(B_hat.to(B.dtype))
+            projected[f"{name}.lora_A.weight"] = A_hat.float()
+            projected[f"{name}.lora_B.weight"] = B_hat.float()
+    return projected
+
+
+def layer_sequential(peft_model, samples, device):
+    """Yield (modules, statistics) per decoder layer with LoRA modules, in order. The caller may change the layer's
+    weights before the next iteration: the layer's outputs (the next layer's inputs) are computed after that, so
+    each layer sees the already-modified earlier layers, as the release's one-pass-per-layer algorithm does."""
     groups = modules_by_layer(peft_model)
     layers = decoder_layers(peft_model)
     cached = first_layer_inputs(peft_model, samples, device)
-    projected = {}
     for index, (layer, modules) in enumerate(zip(layers, groups)):
         if modules:
-            stats = LayerStats(modules).run(layer, cached)
-            for name, m in modules.items():
-                A, B = m.lora_A["default"].weight, m.lora_B["default"].weight
-                A_hat, B_hat = project_factors(A, B, stats.gram[name], cfg.sparsity, cfg.rank_rule)
-                A.copy_(A_hat.to(A.dtype)), B.copy_(B_hat.to(B.dtype))
-                projected[f"{name}.lora_A.weight"] = A_hat.float()
-                projected[f"{name}.lora_B.weight"] = B_hat.float()
+            yield modules, LayerStats(modules).run(layer, cached)
         if index + 1 < len(layers) and any(groups[index + 1:]):
             run_layer(layer, cached, keep_outputs=True)
-    return projected
 
 
 # ---------------------------------------------------------------------------------------------- other scores
@@ -244,23 +251,16 @@ def lowrank_project(peft_model, samples, cfg: ScoringConfig, device) -> dict[str
 @torch.no_grad()
 def wanda_scores(peft_model, samples, cfg: ScoringConfig, device) -> dict[str, torch.Tensor]:
     """|W| · sqrt(mean squared input per column); each layer is pruned to its mask before the next is scored."""
-    groups = modules_by_layer(peft_model)
-    layers = decoder_layers(peft_model)
-    cached = first_layer_inputs(peft_model, samples, device)
     scores = {}
-    for index, (layer, modules) in enumerate(zip(layers, groups)):
-        if modules:
-            stats = LayerStats(modules).run(layer, cached)
-            n = max(stats.tokens, 1)
-            for name, m in modules.items():
-                A, B = m.lora_A["default"].weight, m.lora_B["default"].weight
-                col_a = (stats.sq_in[name] / n).sqrt()
-                col_b = (torch.diagonal(stats.gram[name]) / n).sqrt()  # B's input is A x: its squares = diag(G)
-                for key, W, col in ((f"{name}.lora_A.weight", A, col_a), (f"{name}.lora_B.weight", B, col_b)):
-                    scores[key] = (W.double().abs() * col.to(W.device)[None, :]).cpu()
-                    W.mul_(keep_mask(scores[key], cfg.sparsity, "row").to(W.device, W.dtype))
-        if index + 1 < len(layers) and any(groups[index + 1:]):
-            run_layer(layer, cached, keep_outputs=True)
+    for modules, stats in layer_sequential(peft_model, samples, device):
+        n = max(stats.tokens, 1)
+        for name, m in modules.items():
+            A, B = m.lora_A["default"].weight, m.lora_B["default"].weight
+            col_a = (stats.sq_in[name] / n).sqrt()
+            col_b = (torch.diagonal(stats.gram[name]) / n).sqrt()  # B's input is A x: its squares = diag(G)
+            for key, W, col in ((f"{name}.lora_A.weight", A, col_a), (f"{name}.lora_B.weight", B, col_b)):
+                scores[key] = (W.double().abs() * col.to(W.device)[None, :]).cpu()
+                W.mul_(keep_mask(scores[key], cfg.sparsity, "row").to(W.device, W.dtype))
     return scores
 
 
