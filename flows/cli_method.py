@@ -73,7 +73,13 @@ def _add_score(sub) -> None:
     _base_args(p)
     p.add_argument("--reference", required=True, help="the safety reference adapter folder")
     p.add_argument("--calibration", default=None,
-                   help="JSONL with 'prompt' and 'response' fields (default: the shipped safe calibration set)")
+                   help="JSONL with 'prompt' and 'response' fields, or 'reference': the reference model answers "
+                        "risky prompts and the judge keeps the safe answers (default: the shipped safe answers)")
+    p.add_argument("--judge", choices=["classifier", "keyword", "hf"], default="classifier",
+                   help="judge that filters the answers of --calibration reference")
+    p.add_argument("--judge-path", default=None, help="local moderation model folder for --judge hf")
+    p.add_argument("--calibration-pool", type=int, default=None,
+                   help="--calibration reference: prompts answered before filtering (2 × n-samples)")
     p.add_argument("--method", choices=["lowrank", "wanda", "snip", "random"], default=None)
     p.add_argument("--sparsity", type=float, default=None, help="P_SR: the mask keeps the top (1 - sparsity)")
     p.add_argument("--n-samples", type=int, default=None, help="calibration rows used (seeded draw)")
@@ -93,16 +99,28 @@ def _score(args) -> int:
     from nlsr.config import ScoringConfig
     from nlsr.modeling import resolve_base
     from nlsr.scoring import report_path, score_neurons
+    generated = args.calibration == "reference"
     cfg = _config(ScoringConfig, {"method": args.method, "sparsity": args.sparsity, "n_samples": args.n_samples,
                                   "max_length": args.max_length, "rank_rule": args.rank_rule,
-                                  "granularity": args.granularity, "seed": args.seed})
+                                  "granularity": args.granularity, "seed": args.seed,
+                                  "calibration": "reference" if generated else None,
+                                  "calibration_pool": args.calibration_pool})
     reference = _existing(args.reference, "reference adapter")
-    if args.calibration:
-        rows = data.read_jsonl(args.calibration, required=("prompt", "response"))
+    base = resolve_base(args.base, args.artifact_root)
+    info = {"calibration": args.calibration or "safe"}
+    if generated:
+        from nlsr.calibration import CALIBRATION_FILE, reference_answers
+        from nlsr.judges import get_judge
+        judge = get_judge(args.judge, artifact_root=args.artifact_root, path=args.judge_path, device=args.device)
+        rows, info = reference_answers(base, reference, cfg, judge, template=args.template, device=args.device,
+                                       dtype=args.dtype, save_to=Path(args.out).parent)
+        print(f"calibration: the reference model answered {info['calibration_answered']} prompts, the {args.judge} "
+              f"judge kept {info['calibration_safe']} ({Path(args.out).parent / CALIBRATION_FILE})")
+    elif args.calibration:
+        rows = data.read_jsonl(_existing(args.calibration, "calibration file"), required=("prompt", "response"))
     else:
         rows = data.calibration_set(cfg.n_samples, seed=cfg.seed)
-    base = resolve_base(args.base, args.artifact_root)
-    rep = score_neurons(base, reference, rows, cfg, Path(args.out), args.template, args.device, args.dtype)
+    rep = score_neurons(base, reference, rows, cfg, Path(args.out), args.template, args.device, args.dtype, info)
     print(f"masks {args.out}: {rep['n_masks']} factors, method {rep['method']}, kept {rep['kept_fraction']:.3f} "
           f"of entries, {rep['n_samples']} samples / {rep['response_tokens']} response tokens, "
           f"{rep['wall_s']:.1f} s (report {report_path(Path(args.out))})")

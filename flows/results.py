@@ -33,7 +33,8 @@ def mlflow_rows(root: str | Path, experiment: str, uri: str | None = None) -> li
         names = [e.name for e in client.search_experiments()]
         raise NLSRError(f"no MLflow experiment {experiment!r} at {uri}; experiments: {names}")
     store, rows = ArtifactStore(root), []
-    runs = client.search_runs([exp.experiment_id], filter_string="tags.`nlsr.kind` = 'cell'", max_results=10000)
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`nlsr.kind` = 'cell'", max_results=10000,
+                              order_by=["attributes.start_time ASC"])  # oldest first: latest_measurements
     for run in runs:
         tags, key = run.data.tags, run.data.tags.get("nlsr.key.report")
         if run.info.status != "FINISHED":
@@ -50,6 +51,7 @@ def _rows_from_metrics(metrics: dict, tags: dict, params: dict) -> list[dict]:
     base = {"name": params.get("name"), "task": tags.get("nlsr.task"), "alignment": tags.get("nlsr.alignment"),
             "scorer": tags.get("nlsr.scorer"), "realign": params.get("realign.method"),
             "poison_ratio": _float(tags.get("nlsr.poison_ratio")), "seed": _int(tags.get("nlsr.seed")),
+            "data_seed": _int(tags.get("nlsr.data_seed")),
             "config_hash": tags.get("nlsr.config_hash", "")[:12]}
     return [{**base, "variant": v, **{m: metrics.get(f"{v}/{m}") for m in METRICS}} for v in variants]
 
@@ -67,5 +69,17 @@ def _default_uri(root: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ArtifactStore(root).root / 'mlflow.db'}"
 
 
+def latest_measurements(rows: list[dict]) -> list[dict]:
+    """One row per measurement: rows of the same cell name, variant and evaluation artifact are the same numbers
+    reported twice (a cell re-run after an upgrade changed its config hash or the report format); the last wins.
+    Rows without an evaluation key (rebuilt from MLflow metrics) are kept as they are."""
+    latest: dict[tuple, dict] = {}
+    for i, row in enumerate(rows):
+        eval_key = row.get("eval_key")
+        latest[(row.get("name"), row.get("variant"), eval_key) if eval_key else (i,)] = row
+    return list(latest.values())
+
+
 def collect_rows(root: str | Path, experiment: str | None = None, uri: str | None = None) -> list[dict]:
-    return mlflow_rows(root, experiment, uri) if experiment else store_rows(root)
+    """Rows, oldest report first, de-duplicated (latest_measurements)."""
+    return latest_measurements(mlflow_rows(root, experiment, uri) if experiment else store_rows(root))

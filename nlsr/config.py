@@ -116,12 +116,25 @@ class ScoringConfig(Strict):
     rank_rule: Literal["code", "paper"] = Field(
         "code", description="retained rank q: code int(r·P_SR); paper int(r·(1-P_SR))")
     granularity: Literal["global", "row"] = Field("global", description="magnitude threshold per matrix or per row")
-    # The release generated calibration answers with the reference model and kept those BeaverDam judged safe;
-    # only the shipped safe answers are implemented so far.
-    calibration: Literal["safe"] = Field("safe", description="safe: shipped safe answers to risky prompts")
+    calibration: Literal["safe", "reference"] = Field(
+        "safe", description="safe: shipped safe answers to risky prompts; reference: the safety reference model's "
+                            "own greedy answers that the evaluation judge finds safe (the release's way)")
     n_samples: int = Field(64, ge=1)
     max_length: int = Field(256, ge=16)
     seed: int = 42
+    calibration_pool: int | None = Field(
+        None, ge=1, description="reference: prompts answered before the judge filters them (None: 2 × n_samples)")
+    calibration_max_new_tokens: int = Field(128, ge=1, description="reference: answer budget (the release: 512)")
+
+    @model_validator(mode="after")
+    def _pool(self):
+        if self.calibration_pool is not None and self.calibration_pool < self.n_samples:
+            raise ValueError(f"scoring.calibration_pool ({self.calibration_pool}) must be at least "
+                             f"scoring.n_samples ({self.n_samples})")
+        return self
+
+    def pool_size(self) -> int:
+        return self.calibration_pool or 2 * self.n_samples
 
 
 class RealignConfig(Strict):

@@ -1,7 +1,7 @@
 """Results of cells and grids: one tidy table (CSV + Markdown) and a safety-vs-accuracy plot with the Pareto front.
 
 A row is one evaluated model variant of one cell: the cell's grid axes (task, poison ratio, alignment method,
-scorer, seed, ...), the variant ('aligned', 'finetuned', 'realigned', or a baseline such as 'safelora'), and its
+scorer, seed, data seed, ...), the variant ('aligned', 'finetuned', 'realigned', or a baseline such as 'safelora'), and its
 harmful score (lower is better) and task accuracy (higher is better). Seeds are averaged in the summary table.
 
 Pure library code (matplotlib with the Agg backend): no Prefect, no MLflow.
@@ -16,7 +16,7 @@ from typing import Iterable
 
 AXES = ("task", "poison_ratio", "alignment", "scorer", "realign")
 VARIANT_ORDER = ("aligned", "finetuned", "realigned", "safelora", "restore-modules", "nlsr")
-ROW_FIELDS = ("name", *AXES, "seed", "variant", "harmful_score", "task_accuracy", "config_hash", "eval_key")
+ROW_FIELDS = ("name", *AXES, "seed", "data_seed", "variant", "harmful_score", "task_accuracy", "config_hash", "eval_key")
 SUMMARY_FIELDS = (*AXES, "variant", "n_seeds", "harmful_score", "harmful_std", "task_accuracy", "accuracy_std")
 
 
@@ -40,7 +40,8 @@ def _variant_rank(v: str) -> tuple:
 
 
 def _sort_key(row: dict) -> tuple:
-    return tuple(str(row.get(a)) for a in AXES) + (_variant_rank(row.get("variant", "")), row.get("seed") or 0)
+    return tuple(str(row.get(a)) for a in AXES) + (_variant_rank(row.get("variant", "")), row.get("seed") or 0,
+                                                          row.get("data_seed") or 0)
 
 
 def summarize(rows: Iterable[dict]) -> list[dict]:

@@ -359,11 +359,12 @@ def compute_scores(peft_model, samples, cfg: ScoringConfig, device) -> tuple[dic
 
 
 def score_neurons(base: Path, reference: Path, calibration: list[dict], cfg: ScoringConfig, out: Path,
-                  template: str = "alpaca", device: str = "auto", dtype: str = "float32") -> dict:
+                  template: str = "alpaca", device: str = "auto", dtype: str = "float32",
+                  extra: dict | None = None) -> dict:
     """Write the safety-critical neuron masks of the `reference` adapter (on `base`) to `out` (.safetensors).
 
-    Uses at most cfg.n_samples calibration rows (seeded draw). The report lands next to `out` as
-    <stem>.report.json and is returned.
+    Uses at most cfg.n_samples calibration rows (seeded draw). The report (with `extra`, e.g. where the
+    calibration rows came from) lands next to `out` as <stem>.report.json and is returned.
     """
     from .modeling import resolve_device
     start = time.perf_counter()
@@ -383,6 +384,6 @@ def score_neurons(base: Path, reference: Path, calibration: list[dict], cfg: Sco
               "max_length": cfg.max_length, "n_masks": len(masks),
               "kept_fraction": round(sum(int(m.sum()) for m in masks.values())
                                      / sum(m.numel() for m in masks.values()), 6),
-              "kept_per_factor": kept, "wall_s": round(time.perf_counter() - start, 3)}
+              "kept_per_factor": kept, "wall_s": round(time.perf_counter() - start, 3), **(extra or {})}
     write_json(report, report_path(out))
     return report

@@ -20,7 +20,7 @@ from nlsr.config import ExperimentConfig, stable_hash
 
 STAGE_VERSIONS: dict[str, int] = {
     "poison": 1, "sft": 1, "align": 1, "reference": 1, "score": 1, "finetune": 1, "realign": 1,
-    "evaluate": 1, "report": 1,
+    "evaluate": 1, "report": 2,
 }
 STAGES = tuple(STAGE_VERSIONS)
 
@@ -73,7 +73,12 @@ def stage_config(stage: str, cfg: ExperimentConfig, method: str | None = None) -
     if stage == "reference":
         return cfg.reference.model_dump()
     if stage == "score":
-        return {"dtype": cfg.model.dtype, "template": d.template, "scoring": cfg.scoring.model_dump()}
+        sc, ev = cfg.scoring, cfg.evaluation
+        if sc.calibration == "safe":  # shipped answers: the generation settings and the judge are not read
+            return {"dtype": cfg.model.dtype, "template": d.template,
+                    "scoring": sc.model_dump(exclude={"calibration_pool", "calibration_max_new_tokens"})}
+        return {"dtype": cfg.model.dtype, "template": d.template, "scoring": sc.model_dump(),
+                "judge": {"name": ev.judge, "path": ev.judge_path, "batch_size": ev.batch_size}}
     if stage == "finetune":
         return {**common, "lora": cfg.lora.model_dump(), "finetune": cfg.finetune.model_dump()}
     if stage == "realign":
@@ -96,7 +101,7 @@ def cell_descriptor(cfg: ExperimentConfig) -> dict:
     """The grid axes of a cell, as they appear in the results table."""
     return {"name": cfg.name, "task": cfg.data.task, "poison_ratio": cfg.data.poison_ratio,
             "alignment": cfg.alignment.method, "scorer": cfg.scoring.method, "seed": cfg.seed,
-            "realign": cfg.realign.method, "config_hash": experiment_hash(cfg, 12)}
+            "data_seed": cfg.data.seed, "realign": cfg.realign.method, "config_hash": experiment_hash(cfg, 12)}
 
 
 def report_key(cfg: ExperimentConfig, evals: dict[str, str]) -> str:

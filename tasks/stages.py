@@ -124,11 +124,11 @@ def reference(cfg: ExperimentConfig, aligned: Ref) -> Ref:
 def score(cfg: ExperimentConfig, base: Ref, reference: Ref) -> Ref:
     """Safety-critical neuron masks from the reference adapter and the calibration set."""
     def body(out: Path) -> dict:
-        from nlsr.data import calibration_set
+        from nlsr.calibration import calibration_rows
         from nlsr.scoring import score_neurons
-        calibration = calibration_set(cfg.scoring.n_samples, cfg.scoring.seed)
-        return score_neurons(Path(base.path), Path(reference.path), calibration, cfg.scoring, out,
-                             template=cfg.data.template, device=cfg.model.device, dtype=cfg.model.dtype)
+        rows, info = calibration_rows(cfg, Path(base.path), Path(reference.path), save_to=out.parent)
+        return score_neurons(Path(base.path), Path(reference.path), rows, cfg.scoring, out,
+                             template=cfg.data.template, device=cfg.model.device, dtype=cfg.model.dtype, extra=info)
     return run_stage("score", {"cfg": cfg, "base": base, "reference": reference}, body, output=MASKS_FILE)
 
 

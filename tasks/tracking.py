@@ -134,6 +134,7 @@ class Tracker:
         tags = {**_common_tags(flow_run_id), "nlsr.grid": grid or "", "nlsr.task": cfg.data.task,
                 "nlsr.alignment": cfg.alignment.method, "nlsr.scorer": cfg.scoring.method,
                 "nlsr.poison_ratio": str(cfg.data.poison_ratio), "nlsr.seed": str(cfg.seed),
+                "nlsr.data_seed": str(cfg.data.seed),
                 "nlsr.artifact_root": str(ArtifactStore(cfg.artifact_root).root)}
         uri = tracking_uri(cfg)
         tracker = cls.open(uri, experiment_name(cfg, grid), run_name or cfg.name, match, tags,

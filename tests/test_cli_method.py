@@ -41,6 +41,19 @@ def test_reference_and_score_outputs(pipeline, capsys):
     assert set(modeling.adapter_weights(pipeline["ref"])) == set(score["kept_per_factor"])
 
 
+def test_score_on_reference_answers(pipeline, tmp_path, capsys):
+    out = tmp_path / "masks.safetensors"
+    assert main(["score", *pipeline["base"], "--reference", str(pipeline["ref"]), "--calibration", "reference",
+                 "--judge", "classifier", "--n-samples", "3", "--calibration-pool", "6", "--max-length", "24",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    answers = [json.loads(line) for line in (tmp_path / "calibration.jsonl").read_text().splitlines()]
+    rep = json.loads(out.with_suffix(".report.json").read_text())
+    safe = sum(1 for a in answers if a["response"] and not a["harmful"])
+    assert len(answers) == 6 and rep["calibration"] == "reference" and rep["calibration_safe"] == safe
+    assert rep["n_samples"] == min(3, safe) and rep["n_masks"] == 28
+    assert f"answered 6 prompts, the classifier judge kept {safe}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("method", ["nlsr", "restore-modules", "safelora"])
 def test_realign_end_to_end(pipeline, tmp_path, capsys, method):
     out = tmp_path / method

@@ -128,6 +128,26 @@ def test_deleted_artifact_is_recomputed_alone(first):
     assert computed(store) - before == Counter({("report", key): 1})
 
 
+def test_cell_with_reference_calibration(first):
+    """scoring.calibration=reference: the reference model answers, the judge filters, the rest is shared."""
+    from flows.cell import cell
+    from nlsr.calibration import CALIBRATION_FILE
+    from nlsr.data import read_jsonl
+    from tasks.keys import plan
+    # the tiny model cannot refuse, so the keyword judge would flag every answer; the classifier keeps some
+    cfg = smoke(first["root"], "scoring.calibration=reference", "evaluation.judge=classifier")
+    state = cell(cfg, return_state=True)
+    assert state.is_completed(), state.message
+    store, nodes, shipped = ArtifactStore(first["root"]), plan(cfg), plan(first["cfg"])
+    assert nodes["align"].key == shipped["align"].key and nodes["score"].key != shipped["score"].key
+    saved = read_jsonl(store.path("score", nodes["score"].key) / CALIBRATION_FILE)
+    m = store.meta("score", nodes["score"].key)["metrics"]
+    assert m["calibration"] == "reference" and m["calibration_answered"] == len(saved) == 2 * cfg.scoring.n_samples
+    assert m["calibration_safe"] == sum(1 for s in saved if s["response"] and not s["harmful"]) > 0
+    assert m["n_samples"] == min(cfg.scoring.n_samples, m["calibration_safe"])
+    assert {r["variant"] for r in state.result()} == VARIANTS
+
+
 def test_grid_shares_alignment_and_reports(first, capsys):
     from flows.cli import main
     from tasks.keys import plan
@@ -149,6 +169,7 @@ def test_grid_shares_alignment_and_reports(first, capsys):
     from nlsr.report import read_csv
     rows = read_csv(out / "results.csv")
     assert len(rows) == 10 and {r["poison_ratio"] for r in rows} == {0.1, 0.2}
+    assert {r["data_seed"] for r in rows} == {cells[0].data.seed}  # the shuffle seed is in every row
     assert (out / "pareto.png").stat().st_size > 0 and (out / "results.md").is_file()
 
     capsys.readouterr()

@@ -33,10 +33,10 @@ def test_summarize_averages_seeds():
 
 
 def test_cell_rows():
-    out = report.cell_rows({"task": "sst2", "seed": 3, "poison_ratio": 0.1},
+    out = report.cell_rows({"task": "sst2", "seed": 3, "data_seed": 2, "poison_ratio": 0.1, "unknown": 1},
                            {"aligned": {"harmful_score": 5, "task_accuracy": 50.0, "wall_s": 1}},
                            {"aligned": "key"})
-    assert out == [{"task": "sst2", "seed": 3, "poison_ratio": 0.1, "variant": "aligned", "harmful_score": 5.0,
+    assert out == [{"task": "sst2", "seed": 3, "data_seed": 2, "poison_ratio": 0.1, "variant": "aligned", "harmful_score": 5.0,
                     "task_accuracy": 50.0, "eval_key": "key"}]
 
 
@@ -78,3 +78,13 @@ def test_grid_configs_expand():
                 == c.data.n
         if path.stem.endswith("table3"):
             assert {c.data.task for c in cells} == {"sst2", "agnews", "gsm8k"}
+
+
+def test_latest_measurements_drop_rows_reported_twice():
+    from flows.results import latest_measurements
+    old = {"name": "c", "variant": "aligned", "eval_key": "e1", "harmful_score": 1.0}  # report v1 of a cell
+    new = {**old, "data_seed": 0}                                                   # the same cell, re-reported
+    other_cell = {**old, "name": "d"}          # another grid cell sharing the aligned evaluation: kept
+    rebuilt = {"name": "c", "variant": "aligned", "eval_key": None}  # from MLflow metrics: no key, kept
+    out = latest_measurements([old, other_cell, new, rebuilt, dict(rebuilt)])
+    assert out == [new, other_cell, rebuilt, rebuilt]
