@@ -13,10 +13,8 @@ METRICS = ("harmful_score", "task_accuracy")
 def store_rows(root: str | Path) -> list[dict]:
     """Rows of every finished cell report under the artifact root."""
     store = ArtifactStore(root)
-    rows = []
-    for key in store.keys("report"):
-        rows += json.loads((store.path("report", key) / "rows.json").read_text())
-    return rows
+    return latest_cells([json.loads((store.path("report", key) / "rows.json").read_text())
+                         for key in store.keys("report")])  # oldest first
 
 
 def mlflow_rows(root: str | Path, experiment: str, uri: str | None = None) -> list[dict]:
@@ -32,18 +30,18 @@ def mlflow_rows(root: str | Path, experiment: str, uri: str | None = None) -> li
     if exp is None:
         names = [e.name for e in client.search_experiments()]
         raise NLSRError(f"no MLflow experiment {experiment!r} at {uri}; experiments: {names}")
-    store, rows = ArtifactStore(root), []
+    store, cells = ArtifactStore(root), []
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`nlsr.kind` = 'cell'", max_results=10000,
-                              order_by=["attributes.start_time ASC"])  # oldest first: latest_measurements
+                              order_by=["attributes.start_time ASC"])  # oldest first: latest_cells
     for run in runs:
         tags, key = run.data.tags, run.data.tags.get("nlsr.key.report")
         if run.info.status != "FINISHED":
             continue
         if key and store.done("report", key):
-            rows += json.loads((store.path("report", key) / "rows.json").read_text())
+            cells.append(json.loads((store.path("report", key) / "rows.json").read_text()))
         else:
-            rows += _rows_from_metrics(run.data.metrics, tags, run.data.params)
-    return rows
+            cells.append(_rows_from_metrics(run.data.metrics, tags, run.data.params))
+    return latest_cells(cells)
 
 
 def _rows_from_metrics(metrics: dict, tags: dict, params: dict) -> list[dict]:
@@ -69,17 +67,16 @@ def _default_uri(root: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ArtifactStore(root).root / 'mlflow.db'}"
 
 
-def latest_measurements(rows: list[dict]) -> list[dict]:
-    """One row per measurement: rows of the same cell name, variant and evaluation artifact are the same numbers
-    reported twice (a cell re-run after an upgrade changed its config hash or the report format); the last wins.
-    Rows without an evaluation key (rebuilt from MLflow metrics) are kept as they are."""
-    latest: dict[tuple, dict] = {}
-    for i, row in enumerate(rows):
-        eval_key = row.get("eval_key")
-        latest[(row.get("name"), row.get("variant"), eval_key) if eval_key else (i,)] = row
-    return list(latest.values())
+def latest_cells(cells: list[list[dict]]) -> list[dict]:
+    """The rows of each cell once. Reports with the same evaluations (variant -> evaluation artifact) are one cell
+    reported twice (re-run after an upgrade changed its config hash or the report format, or run by two grids):
+    the last one wins. Cells rebuilt from MLflow metrics (no evaluation keys) are all kept."""
+    latest: dict[tuple, list[dict]] = {}
+    for i, rows in enumerate(cells):
+        measured = tuple(sorted((r.get("variant"), r.get("eval_key")) for r in rows))
+        latest[measured if rows and all(r.get("eval_key") for r in rows) else (i,)] = rows
+    return [row for rows in latest.values() for row in rows]
 
 
 def collect_rows(root: str | Path, experiment: str | None = None, uri: str | None = None) -> list[dict]:
-    """Rows, oldest report first, de-duplicated (latest_measurements)."""
-    return latest_measurements(mlflow_rows(root, experiment, uri) if experiment else store_rows(root))
+    return mlflow_rows(root, experiment, uri) if experiment else store_rows(root)

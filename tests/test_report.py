@@ -80,11 +80,13 @@ def test_grid_configs_expand():
             assert {c.data.task for c in cells} == {"sst2", "agnews", "gsm8k"}
 
 
-def test_latest_measurements_drop_rows_reported_twice():
-    from flows.results import latest_measurements
-    old = {"name": "c", "variant": "aligned", "eval_key": "e1", "harmful_score": 1.0}  # report v1 of a cell
-    new = {**old, "data_seed": 0}                                                   # the same cell, re-reported
-    other_cell = {**old, "name": "d"}          # another grid cell sharing the aligned evaluation: kept
-    rebuilt = {"name": "c", "variant": "aligned", "eval_key": None}  # from MLflow metrics: no key, kept
-    out = latest_measurements([old, other_cell, new, rebuilt, dict(rebuilt)])
-    assert out == [new, other_cell, rebuilt, rebuilt]
+def test_latest_cells_drop_cells_reported_twice():
+    from flows.results import latest_cells
+
+    def cell(finetuned_eval, **extra):
+        return [{"name": "default", "variant": "aligned", "eval_key": "shared", **extra},
+                {"name": "default", "variant": "finetuned", "eval_key": finetuned_eval, **extra}]
+    old, other_seed = cell("f0"), cell("f1", data_seed=1)  # another data seed shares the aligned evaluation
+    new = cell("f0", data_seed=0)                           # the first cell again, re-reported later
+    rebuilt = [{"name": "default", "variant": "aligned", "eval_key": None}]  # from MLflow metrics: kept
+    assert latest_cells([old, other_seed, new, rebuilt, rebuilt]) == new + other_seed + rebuilt + rebuilt
