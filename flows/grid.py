@@ -60,12 +60,12 @@ def grid_flow(grid: GridConfig, grid_dir: str = ".", overrides: list[str] | None
             failed = _submit(cells, labels, grid.name, parent.run_id, deployment or DEFAULT_DEPLOYMENT, timeout)
         else:
             failed = _local(cells, labels, grid.name, parent.run_id)
-        rows = []
-        for cfg, label in zip(cells, labels):
+        rows, extra = [], report.extra_axes(grid.axes)
+        for cfg, label, point in zip(cells, labels, grid.points()):
             found = finished_rows(cfg)
             if found is None and label not in failed:
                 failed.append(label)
-            rows += found or []
+            rows += [{**r, **{a: point[a] for a in extra}} for r in found or []]  # e.g. a realign.layer_rate sweep
         out = ArtifactStore(cells[0].artifact_root).root / "grids" / grid.name
         paths = report.write_results(rows, out, title=grid.name) if rows else {}
         for path in paths.values():

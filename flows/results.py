@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from nlsr import report
 from nlsr.artifacts import ArtifactStore
 from nlsr.errors import NLSRError
 
@@ -30,7 +31,7 @@ def mlflow_rows(root: str | Path, experiment: str, uri: str | None = None) -> li
     if exp is None:
         names = [e.name for e in client.search_experiments()]
         raise NLSRError(f"no MLflow experiment {experiment!r} at {uri}; experiments: {names}")
-    store, cells = ArtifactStore(root), []
+    store, cells, grid_axes = ArtifactStore(root), [], _grid_axes(client, exp.experiment_id)
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`nlsr.kind` = 'cell'", max_results=10000,
                               order_by=["attributes.start_time ASC"])  # oldest first: latest_cells
     for run in runs:
@@ -38,10 +39,29 @@ def mlflow_rows(root: str | Path, experiment: str, uri: str | None = None) -> li
         if run.info.status != "FINISHED":
             continue
         if key and store.done("report", key):
-            cells.append(json.loads((store.path("report", key) / "rows.json").read_text()))
+            rows = json.loads((store.path("report", key) / "rows.json").read_text())
         else:
-            cells.append(_rows_from_metrics(run.data.metrics, tags, run.data.params))
+            rows = _rows_from_metrics(run.data.metrics, tags, run.data.params)
+        axes = report.extra_axes(grid_axes.get(tags.get("mlflow.parentRunId"), []))
+        cells.append([{**r, **{a: _value(run.data.params.get(a)) for a in axes}} for r in rows])
     return latest_cells(cells)
+
+
+def _grid_axes(client, experiment_id: str) -> dict[str, list[str]]:
+    """Grid parent run id -> its axes (logged as params grid.axes.<dotted key>), so that a sweep's cells keep
+    their axis values apart in the summary (as the grid flow's own table does)."""
+    runs = client.search_runs([experiment_id], filter_string="tags.`nlsr.kind` = 'grid'", max_results=1000)
+    prefix = "grid.axes."
+    return {r.info.run_id: [k[len(prefix):] for k in r.data.params if k.startswith(prefix)] for r in runs}
+
+
+def _value(param: str | None):
+    """A config value back from its MLflow param text (numbers as numbers)."""
+    import yaml
+    try:
+        return yaml.safe_load(param) if param is not None else None
+    except yaml.YAMLError:
+        return param
 
 
 def _rows_from_metrics(metrics: dict, tags: dict, params: dict) -> list[dict]:

@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Iterable
 
 AXES = ("task", "poison_ratio", "alignment", "scorer", "realign")
+# Grid axes that already have a column above; any other non-seed grid axis (e.g. realign.layer_rate) becomes a
+# column named by its dotted config key, and the summary keeps its values apart instead of averaging them.
+AXIS_COLUMNS = {"data.task": "task", "data.poison_ratio": "poison_ratio", "alignment.method": "alignment",
+                "scoring.method": "scorer", "realign.method": "realign"}
 VARIANT_ORDER = ("aligned", "finetuned", "realigned", "safelora", "restore-modules", "nlsr")
 ROW_FIELDS = ("name", *AXES, "seed", "data_seed", "variant", "harmful_score", "task_accuracy", "config_hash", "eval_key")
 SUMMARY_FIELDS = (*AXES, "variant", "n_seeds", "harmful_score", "harmful_std", "task_accuracy", "accuracy_std")
@@ -39,26 +43,43 @@ def _variant_rank(v: str) -> tuple:
     return (VARIANT_ORDER.index(v) if v in VARIANT_ORDER else len(VARIANT_ORDER), v)
 
 
-def _sort_key(row: dict) -> tuple:
-    return tuple(str(row.get(a)) for a in AXES) + (_variant_rank(row.get("variant", "")), row.get("seed") or 0,
+def extra_axes(axes: Iterable[str]) -> list[str]:
+    """The grid axes that need their own column: not a seed (seeds are what the summary averages over) and not
+    already one of AXES."""
+    return [a for a in axes if a.split(".")[-1] != "seed" and a not in AXIS_COLUMNS]
+
+
+def grouping(rows: Iterable[dict]) -> tuple[str, ...]:
+    """AXES, then the extra grid-axis columns the rows carry (dotted config keys)."""
+    return (*AXES, *sorted({k for r in rows for k in r if "." in k}))
+
+
+def _sort_key(row: dict, axes: tuple[str, ...] = AXES) -> tuple:
+    return tuple(str(row.get(a)) for a in axes) + (_variant_rank(row.get("variant", "")), row.get("seed") or 0,
                                                           row.get("data_seed") or 0)
 
 
 def summarize(rows: Iterable[dict]) -> list[dict]:
     """Mean (and std over seeds) per grid point and variant; one row per (axes..., variant)."""
+    rows = list(rows)
+    axes = grouping(rows)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault(tuple(r.get(a) for a in AXES) + (r["variant"],), []).append(r)
+        groups.setdefault(tuple(r.get(a) for a in axes) + (r["variant"],), []).append(r)
     out = []
     for key, members in groups.items():
-        row = dict(zip((*AXES, "variant"), key))
+        row = dict(zip((*axes, "variant"), key))
         row["n_seeds"] = len(members)  # cells averaged: seeds, or data seeds (the shuffle of the poisoned mix)
         for name, std in (("harmful_score", "harmful_std"), ("task_accuracy", "accuracy_std")):
             vals = [m[name] for m in members if m.get(name) is not None]
             row[name] = statistics.fmean(vals) if vals else None
             row[std] = statistics.stdev(vals) if len(vals) > 1 else None
         out.append(row)
-    return sorted(out, key=_sort_key)
+    return sorted(out, key=lambda r: _sort_key(r, axes))
+
+
+def summary_fields(rows: Iterable[dict]) -> tuple[str, ...]:
+    return (*grouping(rows), *SUMMARY_FIELDS[len(AXES):])
 
 
 def _fmt(x) -> str:
@@ -69,8 +90,9 @@ def _fmt(x) -> str:
     return str(x)
 
 
-def markdown(rows: list[dict], fields: tuple[str, ...] = SUMMARY_FIELDS) -> str:
-    """A GitHub-style Markdown table; harmful score ⬇ (lower is better), task accuracy ⬆."""
+def markdown(rows: list[dict], fields: tuple[str, ...] | None = None) -> str:
+    """A GitHub-style Markdown table of summary rows; harmful score ⬇ (lower is better), task accuracy ⬆."""
+    fields = fields or summary_fields(rows)
     titles = {"harmful_score": "harmful score ⬇", "task_accuracy": "task accuracy ⬆"}
     head = "| " + " | ".join(titles.get(f, f) for f in fields) + " |"
     sep = "|" + "|".join("---" for _ in fields) + "|"
@@ -178,10 +200,13 @@ def write_results(rows: list[dict], out_dir: str | Path, title: str | None = Non
     """results.csv (every row), summary.csv + results.md (seed-averaged) and pareto.png in `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = sorted(rows, key=_sort_key)
+    axes = grouping(rows)
+    rows = sorted(rows, key=lambda r: _sort_key(r, axes))
     summary = summarize(rows)
-    paths = {"rows": write_csv(rows, out_dir / "results.csv", ROW_FIELDS),
-             "summary": write_csv(summary, out_dir / "summary.csv", SUMMARY_FIELDS),
+    extra = axes[len(AXES):]
+    row_fields = (*ROW_FIELDS[:1 + len(AXES)], *extra, *ROW_FIELDS[1 + len(AXES):])
+    paths = {"rows": write_csv(rows, out_dir / "results.csv", row_fields),
+             "summary": write_csv(summary, out_dir / "summary.csv", summary_fields(rows)),
              "markdown": out_dir / "results.md",
              "plot": plot(rows, out_dir / "pareto.png", title)}
     paths["markdown"].write_text((f"# {title}\n\n" if title else "") + markdown(summary))

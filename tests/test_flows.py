@@ -181,6 +181,29 @@ def test_grid_shares_alignment_and_reports(first, capsys):
     assert (root / "reports" / "all" / "results.csv").is_file()
 
 
+def test_a_sweep_grid_reports_each_value(first, capsys):
+    """A grid over a method parameter: each value is its own summary row (in the grid's table and in `nlsr
+    report --experiment`), and only the stages that read it are recomputed."""
+    from flows.cli import main
+    from nlsr.report import read_csv
+    root = first["root"]
+    grid = {"name": "sweep", "base": str(SMOKE), "overrides": [f"artifact_root={root}"],
+            "axes": {"realign.layer_rate": [0.3, 0.5]}}
+    (root / "sweep.yaml").write_text(yaml.safe_dump(grid))
+    before = computed(ArtifactStore(root))
+    assert main(["grid", str(root / "sweep.yaml")]) == 0
+    new = computed(ArtifactStore(root)) - before
+    assert {stage for stage, _ in new} <= {"realign", "evaluate", "report"}  # training and scoring reused
+    summary = read_csv(root / "grids" / "sweep" / "summary.csv")
+    realigned = [r for r in summary if r["variant"] == "realigned"]
+    assert sorted(r["realign.layer_rate"] for r in realigned) == [0.3, 0.5]
+    assert all(r["n_seeds"] == 1 for r in realigned)
+    capsys.readouterr()
+    assert main(["report", "--root", str(root), "--experiment", "nlsr/sweep"]) == 0
+    text = capsys.readouterr().out
+    assert "| realign.layer_rate |" in text and text.count("| realigned |") == 2
+
+
 def test_retries_transient_errors_but_not_oom():
     import torch
     from prefect import flow, task

@@ -90,3 +90,16 @@ def test_latest_cells_drop_cells_reported_twice():
     new = cell("f0", data_seed=0)                           # the first cell again, re-reported later
     rebuilt = [{"name": "default", "variant": "aligned", "eval_key": None}]  # from MLflow metrics: kept
     assert latest_cells([old, other_seed, new, rebuilt, rebuilt]) == new + other_seed + rebuilt + rebuilt
+
+
+def test_a_swept_axis_is_kept_apart_not_averaged(tmp_path):
+    sweep = [{**r, "realign.layer_rate": rate} for rate in (0.3, 0.5) for r in rows()]
+    assert report.extra_axes(["data.seed", "realign.seed", "data.task", "realign.layer_rate"]) == \
+        ["realign.layer_rate"]
+    summary = report.summarize(sweep)
+    assert len(summary) == 16 and all(r["n_seeds"] == 2 for r in summary)  # per rate: 2 seeds, not 4 rows
+    assert {r["realign.layer_rate"] for r in summary} == {0.3, 0.5}
+    paths = report.write_results(sweep, tmp_path)
+    assert "| realign.layer_rate |" in paths["markdown"].read_text()
+    assert report.read_csv(paths["summary"])[0]["realign.layer_rate"] == 0.3
+    assert "realign.layer_rate" in report.read_csv(paths["rows"])[0]
