@@ -37,6 +37,11 @@ from .reference import factor_keys, lora_modules
 
 REPORT_NAME = "realign_report.json"
 METHODS = ("nlsr", "safelora", "restore-modules")
+# The realign.* settings each method reads: its artifact key and report hold only these, so a sweep over one
+# method's setting (e.g. safelora_tau) does not redo the others.
+METHOD_SETTINGS = {"nlsr": ("layer_rate", "epsilon", "seed", "direction"),
+                   "restore-modules": ("layer_rate", "epsilon", "seed", "direction"),
+                   "safelora": ("safelora_tau",)}
 CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "use_dora", "use_rslora")
 
 
@@ -244,8 +249,8 @@ def realign(base: Path | None, reference: Path, finetuned: Path, masks: Path | N
               "n_patched": sum(r["patched"] for r in rows),
               "entries_changed": sum(r["entries_changed"] for r in rows),
               "entries_total": sum(t.numel() for k, t in ft_w.items() if ".lora_" in k),
-              "direction": cfg.direction, "layer_rate": cfg.layer_rate, "epsilon": cfg.epsilon, "seed": cfg.seed,
-              "safelora_tau": cfg.safelora_tau, "base": str(base) if base else None, "reference": str(reference),
+              **{k: getattr(cfg, k) for k in METHOD_SETTINGS[method]},
+              "base": str(base) if base else None, "reference": str(reference),
               "finetuned": str(finetuned), "masks": str(masks) if mask_w is not None else None, "out": str(out),
               "modules": rows}
     save_adapter_weights(finetuned, new, out, extra={k: report[k] for k in (

@@ -186,6 +186,7 @@ def test_a_sweep_grid_reports_each_value(first, capsys):
     report --experiment`), and only the stages that read it are recomputed."""
     from flows.cli import main
     from nlsr.report import read_csv
+    from tasks.keys import plan
     root = first["root"]
     grid = {"name": "sweep", "base": str(SMOKE), "overrides": [f"artifact_root={root}"],
             "axes": {"realign.layer_rate": [0.3, 0.5]}}
@@ -194,6 +195,9 @@ def test_a_sweep_grid_reports_each_value(first, capsys):
     assert main(["grid", str(root / "sweep.yaml")]) == 0
     new = computed(ArtifactStore(root)) - before
     assert {stage for stage, _ in new} <= {"realign", "evaluate", "report"}  # training and scoring reused
+    rates = [smoke(root, f"realign.layer_rate={r}") for r in (0.3, 0.5)]
+    assert plan(rates[0])["realign:safelora"].key == plan(rates[1])["realign:safelora"].key  # τ only: shared
+    assert plan(rates[0])["realign:nlsr"].key != plan(rates[1])["realign:nlsr"].key
     summary = read_csv(root / "grids" / "sweep" / "summary.csv")
     realigned = [r for r in summary if r["variant"] == "realigned"]
     assert sorted(r["realign.layer_rate"] for r in realigned) == [0.3, 0.5]
