@@ -32,8 +32,9 @@ def mlflow_rows(root: str | Path, experiment: str, uri: str | None = None) -> li
         names = [e.name for e in client.search_experiments()]
         raise NLSRError(f"no MLflow experiment {experiment!r} at {uri}; experiments: {names}")
     store, cells, grid_axes = ArtifactStore(root), [], _grid_axes(client, exp.experiment_id)
-    runs = client.search_runs([exp.experiment_id], filter_string="tags.`nlsr.kind` = 'cell'", max_results=10000,
-                              order_by=["attributes.start_time ASC"])  # oldest first: latest_cells
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`nlsr.kind` = 'cell'", max_results=10000)
+    runs = sorted(runs, key=lambda r: r.info.end_time or r.info.start_time or 0)  # last finished last: latest_cells
+    ids = []
     for run in runs:
         tags, key = run.data.tags, run.data.tags.get("nlsr.key.report")
         if run.info.status != "FINISHED":
@@ -42,9 +43,13 @@ def mlflow_rows(root: str | Path, experiment: str, uri: str | None = None) -> li
             rows = json.loads((store.path("report", key) / "rows.json").read_text())
         else:
             rows = _rows_from_metrics(run.data.metrics, tags, run.data.params)
-        axes = report.extra_axes(grid_axes.get(tags.get("mlflow.parentRunId"), []))
+        parent = tags.get("mlflow.parentRunId")
+        axes = report.extra_axes(grid_axes.get(parent, []))
         cells.append([{**r, **{a: _value(run.data.params.get(a)) for a in axes}} for r in rows])
-    return latest_cells(cells)
+        # A grid cell is its grid run and its label: after an upgrade changed the config hash (or the keys), the
+        # re-run cell is a new MLflow run under the same parent and label, and replaces the old one.
+        ids.append((parent, run.info.run_name) if parent else None)
+    return latest_cells(cells, ids)
 
 
 def _grid_axes(client, experiment_id: str) -> dict[str, list[str]]:
@@ -87,14 +92,17 @@ def _default_uri(root: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ArtifactStore(root).root / 'mlflow.db'}"
 
 
-def latest_cells(cells: list[list[dict]]) -> list[dict]:
-    """The rows of each cell once. Reports with the same evaluations (variant -> evaluation artifact) are one cell
-    reported twice (re-run after an upgrade changed its config hash or the report format, or run by two grids):
-    the last one wins. Cells rebuilt from MLflow metrics (no evaluation keys) are all kept."""
+def latest_cells(cells: list[list[dict]], ids: list | None = None) -> list[dict]:
+    """The rows of each cell once; the last one wins. A cell is `ids[i]` where given (a grid cell: its grid run and
+    label), else its evaluations (variant -> evaluation artifact): the same evaluations reported twice (by two
+    grids, or after a report-format change) are one cell. Cells rebuilt from MLflow metrics (no evaluation keys)
+    are all kept."""
     latest: dict[tuple, list[dict]] = {}
     for i, rows in enumerate(cells):
         measured = tuple(sorted((r.get("variant"), r.get("eval_key")) for r in rows))
-        latest[measured if rows and all(r.get("eval_key") for r in rows) else (i,)] = rows
+        given = ids[i] if ids else None
+        key = ("id", given) if given else measured if rows and all(r.get("eval_key") for r in rows) else (i,)
+        latest[key] = rows
     return [row for rows in latest.values() for row in rows]
 
 

@@ -90,6 +90,9 @@ def test_latest_cells_drop_cells_reported_twice():
     new = cell("f0", data_seed=0)                           # the first cell again, re-reported later
     rebuilt = [{"name": "default", "variant": "aligned", "eval_key": None}]  # from MLflow metrics: kept
     assert latest_cells([old, other_seed, new, rebuilt, rebuilt]) == new + other_seed + rebuilt + rebuilt
+    rekeyed = cell("f0-new-key", data_seed=0)  # the same grid cell after a key change: known by its grid and label
+    ids = [("grid", "data.seed=0"), ("grid", "data.seed=1"), ("grid", "data.seed=0")]
+    assert latest_cells([old, other_seed, rekeyed], ids) == rekeyed + other_seed
 
 
 def test_a_swept_axis_is_kept_apart_not_averaged(tmp_path):
