@@ -147,6 +147,12 @@ class RealignConfig(Strict):
     safelora_tau: float = Field(0.6, ge=0.0, le=1.0)
     baselines: list[Literal["safelora", "restore-modules"]] = Field(default_factory=lambda: ["safelora"])
 
+    def settings(self, method: str) -> dict:
+        """The settings `method` reads: its artifact key and report hold only these, so a sweep over one method's
+        setting (e.g. safelora_tau) does not redo the others."""
+        names = ("safelora_tau",) if method == "safelora" else ("layer_rate", "epsilon", "seed", "direction")
+        return self.model_dump(include=set(names))
+
     @model_validator(mode="after")
     def _range(self):
         lo, hi = self.layer_rate - self.epsilon, self.layer_rate + self.epsilon

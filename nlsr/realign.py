@@ -37,11 +37,6 @@ from .reference import factor_keys, lora_modules
 
 REPORT_NAME = "realign_report.json"
 METHODS = ("nlsr", "safelora", "restore-modules")
-# The realign.* settings each method reads: its artifact key and report hold only these, so a sweep over one
-# method's setting (e.g. safelora_tau) does not redo the others.
-METHOD_SETTINGS = {"nlsr": ("layer_rate", "epsilon", "seed", "direction"),
-                   "restore-modules": ("layer_rate", "epsilon", "seed", "direction"),
-                   "safelora": ("safelora_tau",)}
 CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "use_dora", "use_rslora")
 
 
@@ -249,7 +244,7 @@ def realign(base: Path | None, reference: Path, finetuned: Path, masks: Path | N
               "n_patched": sum(r["patched"] for r in rows),
               "entries_changed": sum(r["entries_changed"] for r in rows),
               "entries_total": sum(t.numel() for k, t in ft_w.items() if ".lora_" in k),
-              **{k: getattr(cfg, k) for k in METHOD_SETTINGS[method]},
+              **cfg.settings(method),
               "base": str(base) if base else None, "reference": str(reference),
               "finetuned": str(finetuned), "masks": str(masks) if mask_w is not None else None, "out": str(out),
               "modules": rows}

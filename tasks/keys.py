@@ -82,8 +82,7 @@ def stage_config(stage: str, cfg: ExperimentConfig, method: str | None = None) -
     if stage == "finetune":
         return {**common, "lora": cfg.lora.model_dump(), "finetune": cfg.finetune.model_dump()}
     if stage == "realign":
-        from nlsr.realign import METHOD_SETTINGS
-        return {"method": method, "realign": cfg.realign.model_dump(include=set(METHOD_SETTINGS[method]))}
+        return {"method": method, "realign": cfg.realign.settings(method)}
     if stage == "evaluate":
         return {**common, "task": d.task, "evaluation": cfg.evaluation.model_dump()}
     raise KeyError(f"unknown stage {stage!r}; expected one of {list(STAGES)}")
