@@ -75,9 +75,10 @@ def _add_score(sub) -> None:
     p.add_argument("--calibration", default=None,
                    help="JSONL with 'prompt' and 'response' fields, or 'reference': the reference model answers "
                         "risky prompts and the judge keeps the safe answers (default: the shipped safe answers)")
-    p.add_argument("--judge", choices=["classifier", "keyword", "hf"], default="classifier",
-                   help="judge that filters the answers of --calibration reference")
-    p.add_argument("--judge-path", default=None, help="local moderation model folder for --judge hf")
+    p.add_argument("--judge", default="classifier",
+                   help="registered judge that filters the answers of --calibration reference (classifier, "
+                        "keyword, hf, ...; `nlsr judge --help` lists them)")
+    p.add_argument("--judge-path", default=None, help="local model folder for judges that need one (--judge hf)")
     p.add_argument("--calibration-pool", type=int, default=None,
                    help="--calibration reference: prompts answered before filtering (2 × n-samples)")
     p.add_argument("--method", choices=["lowrank", "wanda", "snip", "random"], default=None)
@@ -100,6 +101,9 @@ def _score(args) -> int:
     from nlsr.modeling import resolve_base
     from nlsr.scoring import report_path, score_neurons
     generated = args.calibration == "reference"
+    if generated:  # a bad judge name fails before any model loads
+        from nlsr.judges import check_judge
+        check_judge(args.judge, args.judge_path)
     cfg = _config(ScoringConfig, {"method": args.method, "sparsity": args.sparsity, "n_samples": args.n_samples,
                                   "max_length": args.max_length, "rank_rule": args.rank_rule,
                                   "granularity": args.granularity, "seed": args.seed,

@@ -40,7 +40,7 @@ def add_commands(sub) -> None:
     p.add_argument("--adapter", default="none", help="adapter folder, or 'none' (default)")
     p.add_argument("--task", default=None, help="sst2, agnews or gsm8k (default: the config's data.task)")
     p.add_argument("--limit", type=int, default=None, help="harmful prompts and task examples to score")
-    p.add_argument("--judge", default=None, help="keyword, classifier or hf (default: the config's)")
+    p.add_argument("--judge", default=None, help="a registered judge: classifier, keyword, hf, ... (default: the config's)")
     p.add_argument("--out", required=True, help="metrics JSON file; samples go to a folder beside it")
     p.set_defaults(func=_evaluate)
 

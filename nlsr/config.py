@@ -162,8 +162,9 @@ class RealignConfig(Strict):
 
 
 class EvaluationConfig(Strict):
-    judge: Literal["classifier", "keyword", "hf"] = "classifier"
-    judge_path: str | None = Field(None, description="local moderation model folder for judge 'hf'")
+    judge: str = Field("classifier", description="a registered judge (nlsr.judges.judge_names(): classifier, "
+                       "keyword, hf, ...); its identity (name + weights hash) is part of the evaluation's key")
+    judge_path: str | None = Field(None, description="local model folder for judges that need one (e.g. 'hf')")
     harmful_set: Literal["harmful_eval", "harmful_dev", "advbench", "harmbench"] = "harmful_eval"
     harmful_limit: int = Field(100, ge=1)
     task_limit: int = Field(100, ge=1)
@@ -174,10 +175,13 @@ class EvaluationConfig(Strict):
     extra_harmful_sets: list[Literal["advbench", "harmbench"]] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _path_for_hf(self):
-        if self.judge == "hf" and not self.judge_path:
-            raise ValueError("evaluation.judge_path is required when evaluation.judge is 'hf' (a local "
-                             "BeaverDam-7B or Llama-Guard folder)")
+    def _registered_judge(self):
+        # The registry is light (no torch); the judge itself is built only when an evaluation runs.
+        from .judges.registry import JudgeError, check_judge
+        try:
+            check_judge(self.judge, self.judge_path)
+        except JudgeError as err:
+            raise ValueError(str(err)) from None
         return self
 
 

@@ -165,10 +165,7 @@ def evaluate(cfg: ExperimentConfig, base: Ref, adapter: Ref | None) -> Ref:
 
 def _judge(cfg: ExperimentConfig):
     """One judge per process and judge setting: a cell evaluates five variants, and building the classifier judge
-    costs seconds. None lets nlsr.evaluation build it."""
-    from nlsr import judges
-    if not hasattr(judges, "get_judge"):
-        return None
+    costs seconds. Built through the judge registry (nlsr.judges.get_judge)."""
     e = cfg.evaluation
     return _cached_judge(e.judge, str(cfg.artifact_root), e.judge_path, cfg.model.device)
 
