@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from .registry import Judge, JudgeError, get_judge
+from .registry import Judge, JudgeError, get_judge, judge_identity
 
 FIELDS = ("prompt", "answer")
 
@@ -80,6 +80,6 @@ def judge_file(src: str | Path, out: str | Path, judge: str = "classifier", judg
     from ..data import write_jsonl
     write_jsonl([{**r, "harmful": v, "p_harmful": p} for r, v, p in zip(rows, verdicts, probs)], out)
     flagged = sum(verdicts)
-    identity = model.identity() if hasattr(model, "identity") else getattr(model, "name", judge)
+    identity = model.identity() if hasattr(model, "identity") else judge_identity(judge, judge_path)
     return {"n": len(rows), "flagged": flagged, "percent": 100.0 * flagged / len(rows), "judge": judge,
             "identity": identity, "wall_s": time.time() - start, "out": str(out)}
