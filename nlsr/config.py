@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TASKS = ("sst2", "agnews", "gsm8k")
@@ -174,9 +174,19 @@ class EvaluationConfig(Strict):
     batch_size: int = Field(16, ge=1)
     extra_harmful_sets: list[Literal["advbench", "harmbench"]] = Field(default_factory=list)
 
-    @model_validator(mode="after")
-    def _registered_judge(self):
+    @field_validator("judge")
+    @classmethod
+    def _registered_judge(cls, name: str) -> str:
         # The registry is light (no torch); the judge itself is built only when an evaluation runs.
+        from .judges.registry import JudgeError, judge_spec
+        try:
+            judge_spec(name)
+        except JudgeError as err:
+            raise ValueError(str(err)) from None
+        return name
+
+    @model_validator(mode="after")
+    def _judge_path(self):
         from .judges.registry import JudgeError, check_judge
         try:
             check_judge(self.judge, self.judge_path)
