@@ -316,22 +316,22 @@ def test_unknown_judge_lists_valid_names(call):
 
 
 def test_unknown_judge_fails_config_validation():
-    from nlsr.config import ConfigError, ExperimentConfig, validate
+    from nlsr.config import ConfigError, validate
     with pytest.raises((ConfigError, ValueError), match=r"unknown judge 'oracle'.*'keyword'"):
-        validate(ExperimentConfig, {"evaluation": {"judge": "oracle"}})
+        validate({"evaluation": {"judge": "oracle"}}, "test")
     with pytest.raises((ConfigError, ValueError), match="judge_path is required for judge 'hf'"):
-        validate(ExperimentConfig, {"evaluation": {"judge": "hf"}})
+        validate({"evaluation": {"judge": "hf"}}, "test")
 
 
 def test_registered_judge_is_selectable(dummy_judge):
-    from nlsr.config import ConfigError, ExperimentConfig, validate
-    cfg = validate(ExperimentConfig, {"evaluation": {"judge": "dummy"}})
+    from nlsr.config import ConfigError, validate
+    cfg = validate({"evaluation": {"judge": "dummy"}}, "test")
     assert cfg.evaluation.judge == "dummy" and "dummy" in judges.JUDGES
     judge = get_judge(cfg.evaluation.judge)
     assert judge(["q", "q"], ["short", "a long harmful answer"]) == [False, True]
     judges.unregister_judge("dummy")
     with pytest.raises((ConfigError, ValueError), match="unknown judge 'dummy'"):
-        validate(ExperimentConfig, {"evaluation": {"judge": "dummy"}})
+        validate({"evaluation": {"judge": "dummy"}}, "test")
 
 
 def test_a_name_registered_twice_by_different_factories_fails(dummy_judge):
@@ -342,15 +342,15 @@ def test_a_name_registered_twice_by_different_factories_fails(dummy_judge):
 
 
 def test_judge_needing_a_path(dummy_judge):
-    from nlsr.config import ConfigError, ExperimentConfig, validate
+    from nlsr.config import ConfigError, validate
 
     @judges.register_judge("dummy-path", needs_path=True)
     def _needs(artifact_root, path, device):
         return LengthJudge()
     try:
         with pytest.raises((ConfigError, ValueError), match="judge_path is required for judge 'dummy-path'"):
-            validate(ExperimentConfig, {"evaluation": {"judge": "dummy-path"}})
-        validate(ExperimentConfig, {"evaluation": {"judge": "dummy-path", "judge_path": "/m"}})
+            validate({"evaluation": {"judge": "dummy-path"}}, "test")
+        validate({"evaluation": {"judge": "dummy-path", "judge_path": "/m"}}, "test")
         assert judges.judge_identity("dummy-path") == "dummy-path"  # no identity given: the name
     finally:
         judges.unregister_judge("dummy-path")
@@ -360,8 +360,8 @@ def test_registry_and_config_import_no_heavy_modules():
     """nlsr.config validates against the registry and tasks/keys.py reads identities: neither may pull in torch."""
     import subprocess
     import sys
-    code = ("import sys, nlsr.config, nlsr.judges, tasks.keys; from nlsr.config import ExperimentConfig, validate; "
-            "from tasks.keys import plan; plan(validate(ExperimentConfig, {})); "
+    code = ("import sys, nlsr.config, nlsr.judges, tasks.keys; from nlsr.config import validate; "
+            "from tasks.keys import plan; plan(validate({}, 'test')); "
             "print(sorted(m for m in ('torch', 'transformers', 'sklearn', 'sentence_transformers', 'scipy') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -382,9 +382,9 @@ def test_identities_name_the_rules_and_weights(classifier):
 def test_new_classifier_weights_change_the_evaluation_key(tmp_path, monkeypatch):
     """The evaluate and score keys hold the judge identity: other weights -> other evaluations."""
     import shutil
-    from nlsr.config import ExperimentConfig, validate
+    from nlsr.config import validate
     from tasks.keys import key_for, plan
-    cfg = validate(ExperimentConfig, {"scoring": {"calibration": "reference"}})
+    cfg = validate({"scoring": {"calibration": "reference"}}, "test")
     before = {label: node.key for label, node in plan(cfg).items()}
     shipped = tmp_path / "judge_data"
     shutil.copytree(judges.SHIPPED_DIR, shipped)
@@ -399,7 +399,7 @@ def test_new_classifier_weights_change_the_evaluation_key(tmp_path, monkeypatch)
     assert evaluations and evaluations | {"score", "report"} <= changed  # realign follows the score's masks
     assert not {"poison", "sft", "align", "reference", "finetune"} & changed
     assert key_for("evaluate", cfg, {"base": "b"}) != \
-        key_for("evaluate", validate(ExperimentConfig, {"evaluation": {"judge": "keyword"}}), {"base": "b"})
+        key_for("evaluate", validate({"evaluation": {"judge": "keyword"}}, "test"), {"base": "b"})
 
 
 def test_hf_identity_fingerprints_the_folder(tiny_base, tmp_path):
