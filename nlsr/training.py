@@ -20,6 +20,7 @@ from . import data, modeling
 from .atomic import atomic_dir
 from .config import ExperimentConfig, TrainConfig
 from .errors import NLSRError
+from .integrity import check_finite
 
 METHODS = ("dpo", "orpo", "kto", "simpo", "sft")
 SFT_ADAPTER = "sft_adapter"   # inside the W0 folder: the safety-SFT LoRA before merging
@@ -164,6 +165,7 @@ def safety_sft(cfg: ExperimentConfig, base: Path, out: Path) -> dict:
         modeling.save_adapter(peft_model, tmp / SFT_ADAPTER, extra={"stage": "safety_sft", "base": str(base)})
         # merge in memory (the adapter is saved above): same result as modeling.merge_to_folder, one load less
         merged = peft_model.merge_and_unload()
+        check_finite(dict(merged.named_parameters()), f"merged W0 for {out}")
         merged.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / W0_INFO).write_text(json.dumps({"raw_base": str(base), "n_rows": len(rows)}, indent=2))

@@ -2,7 +2,8 @@
 return a small `Ref` (stage, key, path, metrics). No tensors cross a task boundary.
 
 Every task:
-- is cached by Prefect on its artifact key (`policy.StageCache`; bind a root with `policy.bind` / `bound`);
+- is cached by the artifact store only (`policy.bind`: no Prefect cache, no pickled results); its log line says
+  whether it was computed or reused;
 - is idempotent on its own: `ArtifactStore.run` returns the finished artifact when `_SUCCESS` exists and holds a
   file lock on the key while computing, so concurrent cells never train the same thing twice;
 - retries transient errors (I/O, network) twice, never out-of-memory or configuration errors;
