@@ -89,6 +89,8 @@ class ArtifactStore:
     """`<root>/<stage>/<key>/` folders, published atomically and marked by `_SUCCESS`."""
 
     def __init__(self, root: str | Path):
+        if not str(root).strip():  # Path("") is the current folder: never scatter a store there by accident
+            raise ArtifactError("artifact root is empty; expected a folder such as 'runs'")
         self.root = Path(root).expanduser().resolve()
 
     # ---------------------------------------------------------------------------------------- lookups

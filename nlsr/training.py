@@ -217,8 +217,8 @@ def _copy_sft_adapter(w0: Path, out: Path, t0: float) -> dict:
     with atomic_dir(out, overwrite=True) as tmp:
         for f in ("adapter_config.json", "adapter_model.safetensors"):
             shutil.copy2(src / f, tmp / f)
-        (tmp / "nlsr_adapter.json").write_text(json.dumps(
-            {"stage": "preference_align", "method": "sft", "base": str(raw)}, indent=2))
+        (tmp / modeling.ADAPTER_INFO).write_text(json.dumps(modeling.with_base_fingerprint(
+            {"stage": "preference_align", "method": "sft", "base": str(raw)}), indent=2))
     return {"method": "sft", "base": str(raw), "losses": [], "steps": 0, "wall_s": round(time.time() - t0, 2)}
 
 
