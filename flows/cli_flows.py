@@ -96,6 +96,9 @@ def _run(args) -> int:
     return 0
 
 
+PREFECT_SERVER_APP = "prefect.server.api.server:create_app"  # in the temporary server's command line
+
+
 def _prestart_prefect(cfg=None) -> None:
     """Without PREFECT_API_URL, Prefect starts a temporary API server at the first flow call (7-20 s). Start it
     now, while a background thread imports torch / transformers / trl, so the two waits overlap.
@@ -132,11 +135,9 @@ def _prestart_prefect(cfg=None) -> None:
             # Two runs starting at once would both create (migrate) Prefect's SQLite database: one at a time.
             home = get_current_settings().home
             home.mkdir(parents=True, exist_ok=True)
-            server = SubprocessASGIServer()  # the instance get_client() uses later
+            watch(match=PREFECT_SERVER_APP)  # no orphaned server after kill -9 of this process, even mid-start
             with FileLock(str(home / "nlsr-server-start.lock")):
-                server.start()
-            if server.server_process is not None:
-                watch(server.server_process.pid)  # no orphaned server after kill -9 of this process
+                SubprocessASGIServer().start()  # the instance get_client() uses later
     finally:
         worker.join()
 

@@ -1,10 +1,11 @@
 """Child servers die with the process that started them, even when it is killed with `kill -9`.
 
 Prefect's temporary API server (uvicorn, ~200 MB and a port) is a child of `nlsr run`; Prefect stops it from an
-atexit hook, which a SIGKILL never runs. `watch(pid)` starts a tiny watchdog process that polls its parent and,
-once the parent is gone (the watchdog is re-parented), terminates the server (its process group for servers
-started in a session of their own). Polling rather than PR_SET_PDEATHSIG: the server is started by Prefect's
-code, not ours, and the watchdog works on any POSIX system.
+atexit hook, which a SIGKILL never runs. `watch()` starts a tiny watchdog process that polls its parent and,
+once the parent is gone (the watchdog is re-parented), terminates the server: a given pid (its process group for
+servers started in a session of their own), or every child of the parent whose command line contains `match`,
+as seen while the parent lived (Linux /proc), which also covers a kill during the server's start-up. Polling
+rather than PR_SET_PDEATHSIG: the server is started by Prefect's code, not ours.
 """
 from __future__ import annotations
 
@@ -16,34 +17,65 @@ POLL_S = 0.5
 
 _WATCHDOG = r"""
 import os, signal, sys, time
-parent, pid, group, poll = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", float(sys.argv[4])
-def alive():
+parent, pid, group, match, poll = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4], float(sys.argv[5])
+
+def alive(p):
     try:
-        os.kill(pid, 0)
+        os.kill(p, 0)
         return True
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+
+def cmdline(p):
+    try:
+        with open(f"/proc/{p}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+def children():
+    out = set()
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == parent:  # state, ppid, ...
+            out.add(int(name))
+    return out
+
+known = set()
 while os.getppid() == parent:
-    if not alive():
+    if match:
+        known |= {c for c in children() if match in cmdline(c)}
+    elif not alive(pid):
         sys.exit(0)
     time.sleep(poll)
+targets = [p for p in known if alive(p) and match in cmdline(p)] if match else [pid]
 for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
-    try:
-        os.killpg(pid, sig) if group else os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        sys.exit(0)
+    for p in targets:
+        try:
+            os.killpg(p, sig) if group else os.kill(p, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
     deadline = time.monotonic() + wait
-    while time.monotonic() < deadline and alive():
+    while time.monotonic() < deadline and any(alive(p) for p in targets):
         time.sleep(0.1)
 """
 
 
-def watch(pid: int, group: bool = False, poll_s: float = POLL_S) -> subprocess.Popen:
-    """Kill `pid` (or its process group) when this process dies; returns the watchdog (it exits on its own when
-    `pid` ends first)."""
-    return subprocess.Popen([sys.executable, "-S", "-c", _WATCHDOG, str(os.getpid()), str(pid),
-                             "1" if group else "0", str(poll_s)],
+def watch(pid: int | None = None, group: bool = False, match: str | None = None,
+          poll_s: float = POLL_S) -> subprocess.Popen:
+    """When this process dies, kill `pid` (or its process group), or this process's children whose command
+    line contains `match`. The watchdog exits with this process (or when `pid` ends first)."""
+    if (pid is None) == (match is None):
+        raise ValueError("watch() needs exactly one of pid and match")
+    return subprocess.Popen([sys.executable, "-S", "-c", _WATCHDOG, str(os.getpid()), str(pid or 0),
+                             "1" if group else "0", match or "", str(poll_s)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, close_fds=True)
