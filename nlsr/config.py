@@ -8,6 +8,7 @@ from .errors import NLSRError
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TASKS = ("sst2", "agnews", "gsm8k")
-DEVICE_PATTERN = r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$"
+DEVICE_PATTERN = r"auto|cpu|mps|(cuda|xpu)(:\d+)?"
 
 
 class ConfigError(NLSRError):
@@ -42,9 +43,16 @@ class ModelConfig(Strict):
     source: Literal["embedded", "local", "tiny"] = "embedded"
     path: str | None = Field(None, description="Hugging Face model folder; required when source is 'local'")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = Field("auto", pattern=DEVICE_PATTERN,
-                        description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps', 'xpu:0'")
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps', "
+                                            "'xpu:0'")
     tiny: TinyModel = TinyModel()
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if not re.fullmatch(DEVICE_PATTERN, v):
+            raise ValueError("unknown device; expected 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or 'xpu:N'")
+        return v
 
     @model_validator(mode="after")
     def _path_for_local(self):
