@@ -49,11 +49,13 @@ def children():
             out.add(int(name))
     return out
 
-known = set()
+known, last_scan = set(), 0.0
 while os.getppid() == parent:
-    if match:
+    # scanning /proc costs a few ms: every poll until the server is seen, then every 10 s (a restarted server)
+    if match and (not known or time.monotonic() - last_scan > 10):
         known |= {c for c in children() if match in cmdline(c)}
-    elif not alive(pid):
+        last_scan = time.monotonic()
+    elif not match and not alive(pid):
         sys.exit(0)
     time.sleep(poll)
 targets = [p for p in known if alive(p) and match in cmdline(p)] if match else [pid]
