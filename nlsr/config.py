@@ -8,6 +8,7 @@ from .errors import NLSRError
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TASKS = ("sst2", "agnews", "gsm8k")
+DEVICE_PATTERN = r"auto|cpu|mps|(cuda|xpu)(:\d+)?"
 
 
 class ConfigError(NLSRError):
@@ -41,8 +43,16 @@ class ModelConfig(Strict):
     source: Literal["embedded", "local", "tiny"] = "embedded"
     path: str | None = Field(None, description="Hugging Face model folder; required when source is 'local'")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps', "
+                                            "'xpu:0'")
     tiny: TinyModel = TinyModel()
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if not re.fullmatch(DEVICE_PATTERN, v):
+            raise ValueError("unknown device; expected 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or 'xpu:N'")
+        return v
 
     @model_validator(mode="after")
     def _path_for_local(self):
@@ -203,7 +213,7 @@ class TrackingConfig(Strict):
 class ExperimentConfig(Strict):
     name: str = "default"
     seed: int = 0
-    artifact_root: str = "runs"
+    artifact_root: str = Field("runs", description="folder of the artifact store (and, by default, mlflow.db)")
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
     data: DataConfig = DataConfig()
@@ -214,6 +224,13 @@ class ExperimentConfig(Strict):
     realign: RealignConfig = RealignConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("artifact_root")
+    @classmethod
+    def _root_not_empty(cls, v: str) -> str:
+        if not v.strip():  # "" would put the store, mlflow.db and Prefect's files in the current folder
+            raise ValueError("artifact_root is empty; expected a folder such as 'runs'")
+        return v
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -287,9 +304,12 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:  # an empty file must not silently run the built-in defaults
+        raise ConfigError(f"config file {path} is empty; expected a mapping of settings (see configs/smoke.yaml), "
+                          "or no config argument for the built-in defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
