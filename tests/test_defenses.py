@@ -88,7 +88,7 @@ def test_non_aligned_starts_from_the_raw_base_with_the_aligned_cells_settings(ti
             start["logits"] = model(**batch).logits
         model.train()
     spy = Spy(monkeypatch, on_start)
-    res = non_aligned.finetune(smoke(), tiny_base, mix_file, tmp_path / "na")
+    res = non_aligned.finetune(smoke(), tiny_base, None, mix_file, tmp_path / "na")
     training.finetune(smoke(), w0, aligned, mix_file, tmp_path / "al")
     # (a) every base tensor is M_raw's (none of W0's), and the adapter is fresh: B = 0, not ΔW_a
     raw_sd, w0_sd = raw_model.state_dict(), modeling.load_model(w0, device="cpu").state_dict()
@@ -151,8 +151,9 @@ def test_no_guard_prompt_is_an_evaluation_prompt():
 
 def test_vlguard_finetune_trains_on_the_guard_mix(w0, aligned, tmp_path):
     cfg = smoke("defenses.vlguard.guard_fraction=0.25")
-    mix = vlguard.write_mix(cfg, tmp_path / "mix.jsonl")
-    res = vlguard.finetune(cfg, w0, aligned, mix, tmp_path / "ft")
+    res = vlguard.finetune(cfg, w0, aligned, None, tmp_path / "ft")
+    kept = data.read_jsonl(tmp_path / "ft" / vlguard.MIX_FILE)
+    assert list(map(key, kept)) == list(map(key, vlguard.guard_mix("sst2", 40, 0.1, 0.25, seed=0)))
     assert res["n_guard"] == 10 and res["n_unsafe"] == 4 and res["n_rows"] == 40 and res["steps"] == 4
     assert modeling.adapter_weights(tmp_path / "ft").keys() == modeling.adapter_weights(aligned).keys()
 
@@ -249,8 +250,9 @@ def test_lisa_alignment_batches_come_only_from_guide_rows(lisa_run):
 def test_lisa_without_alignment_and_proximal_term_is_the_plain_attack(w0, aligned, tmp_path):
     # (a) K_a = 0 and ρ = 0 reproduce plain ATTACK on the same rows
     cfg = smoke("defenses.lisa.align_steps=0", "defenses.lisa.rho=0")
-    mix = lisa.write_mix(cfg, tmp_path / "mix.jsonl")
-    res = lisa.finetune(cfg, w0, aligned, mix, tmp_path / "lisa")
+    res = lisa.finetune(cfg, w0, aligned, None, tmp_path / "lisa")
+    mix = tmp_path / "lisa" / lisa.MIX_FILE
+    assert len(data.read_jsonl(mix)) == 36   # n 40 minus 4 guide rows
     training.finetune(cfg, w0, aligned, mix, tmp_path / "plain")
     a, b = modeling.adapter_weights(tmp_path / "lisa"), modeling.adapter_weights(tmp_path / "plain")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -413,6 +415,7 @@ def vac(w0, tmp_path):
         trainer = training._preference_trainer("dpo", model, tok, cfg, str(tmp_path / f"v{rho}"), plug)
         # move the fresh adapter off B = 0 so that policy ≠ reference and the loss is not flat
         _move(trainer.model, scale=0.02)
+        trainer.current_gradient_accumulation_steps = 1   # set by Trainer.train's loop; these tests step by hand
         batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
         return trainer, batch
     return build

@@ -11,6 +11,8 @@ them). The phase clock counts micro-batches, so gradient accumulation must be 1 
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from .config import LisaConfig
 from .vlguard import guard_mix, guard_rows
 
 NAME = "lisa"
+MIX_FILE = "mix.jsonl"  # inside the adapter folder: the rows it fine-tuned on
 STAGE = "finetune"
 ALIGN, FINETUNE = "align", "finetune"
 
@@ -165,9 +168,14 @@ def plug(cfg: ExperimentConfig, lisa: LisaConfig | None = None) -> training.Trai
                                                      "template": cfg.data.template})
 
 
-def finetune(cfg: ExperimentConfig, base: Path, adapter: Path, mix_file: Path, out: Path) -> dict:
-    """Lisa on the mix written by `write_mix`, continuing ΔW_a on W0; `out` = the fine-tuned adapter."""
+def finetune(cfg: ExperimentConfig, base: Path, adapter: Path, mix_file: Path | None, out: Path) -> dict:
+    """Lisa continuing ΔW_a on W0; `out` = the fine-tuned adapter, which also keeps its fine-tuning rows
+    (out/mix.jsonl). `mix_file` (the cell's plain poisoned mix) is not read: Lisa's rows (the mix without the
+    guide rows' share) are rebuilt from the same data settings, so they hold the same poison rows."""
     t0 = time.time()
-    result = training.finetune(cfg, base, adapter, mix_file, out, plug=plug(cfg), extra={
-        "defense": NAME, "defense_stage": STAGE, **cfg.defenses.lisa.model_dump()})
+    with tempfile.TemporaryDirectory(prefix="nlsr-lisa-") as work:
+        mix = write_mix(cfg, Path(work) / MIX_FILE)
+        result = training.finetune(cfg, base, adapter, mix, out, plug=plug(cfg), extra={
+            "defense": NAME, "defense_stage": STAGE, **cfg.defenses.lisa.model_dump()})
+        shutil.copy2(mix, Path(out) / MIX_FILE)
     return {**result, "defense": NAME, "defense_stage": STAGE, "wall_s": round(time.time() - t0, 2)}

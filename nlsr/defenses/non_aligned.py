@@ -18,9 +18,12 @@ STAGE = "finetune"
 NOTE = "raw base, fresh LoRA: not aligned by this pipeline (an Instruct base is still aligned by its makers)"
 
 
-def finetune(cfg: ExperimentConfig, raw_base: Path, mix_file: Path, out: Path) -> dict:
-    """Fine-tune a fresh LoRA on `raw_base` (M_raw, not W0) on the poisoned mix; `out` = the adapter folder."""
+def finetune(cfg: ExperimentConfig, raw_base: Path, adapter: Path | None, mix_file: Path, out: Path) -> dict:
+    """Fine-tune a fresh LoRA on `raw_base` (M_raw, not W0) on the poisoned mix; `out` = the adapter folder.
+    `adapter` must be None (the signature of every fine-tuning-stage defense): nothing aligned is continued."""
     t0 = time.time()
+    if adapter is not None:
+        raise training.TrainingError(f"Non-Aligned starts from a fresh LoRA on the raw base; got adapter {adapter}")
     result = training.finetune(cfg, Path(raw_base), None, mix_file, out,
                                extra={"defense": NAME, "defense_stage": STAGE})
     return {**result, "defense": NAME, "defense_stage": STAGE, "note": NOTE, "wall_s": round(time.time() - t0, 2)}

@@ -9,6 +9,8 @@ n − |U| − |G| task rows. Unlike the release, the shuffle is seeded (the data
 from __future__ import annotations
 
 import random
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from ..config import ExperimentConfig
 from .config import VlguardConfig
 
 NAME = "vlguard"
+MIX_FILE = "mix.jsonl"  # inside the adapter folder: the mix it was trained on
 STAGE = "finetune"
 
 
@@ -61,11 +64,16 @@ def write_mix(cfg: ExperimentConfig, out_file: Path, vc: VlguardConfig | None = 
                             out_file)
 
 
-def finetune(cfg: ExperimentConfig, base: Path, adapter: Path, mix_file: Path, out: Path) -> dict:
-    """The Aligned ATTACK (continue ΔW_a on W0) on a Vlguard mix written by `write_mix`."""
+def finetune(cfg: ExperimentConfig, base: Path, adapter: Path, mix_file: Path | None, out: Path) -> dict:
+    """The Aligned ATTACK (continue ΔW_a on W0) on the Vlguard mix of `cfg`; `out` = the adapter folder, which also
+    keeps the mix trained on (out/mix.jsonl). `mix_file` (the cell's plain poisoned mix) is not read: the guard mix
+    is rebuilt from the same data settings, so it holds the same poison rows."""
     t0 = time.time()
-    rows = data.read_jsonl(mix_file, required=("instruction", "output"))
-    result = training.finetune(cfg, base, adapter, mix_file, out, extra={
-        "defense": NAME, "defense_stage": STAGE, "guard_fraction": cfg.defenses.vlguard.guard_fraction})
+    with tempfile.TemporaryDirectory(prefix="nlsr-vlguard-") as work:
+        mix = write_mix(cfg, Path(work) / MIX_FILE)
+        rows = data.read_jsonl(mix)
+        result = training.finetune(cfg, base, adapter, mix, out, extra={
+            "defense": NAME, "defense_stage": STAGE, **cfg.defenses.vlguard.model_dump()})
+        shutil.copy2(mix, Path(out) / MIX_FILE)
     return {**result, "defense": NAME, "defense_stage": STAGE, "n_guard": sum(r.get("flag") == "safe" for r in rows),
             "wall_s": round(time.time() - t0, 2)}
