@@ -22,6 +22,7 @@ from . import data, modeling
 from .atomic import atomic_dir
 from .config import ExperimentConfig, TrainConfig
 from .errors import NLSRError
+from .integrity import check_finite
 
 METHODS = ("dpo", "orpo", "kto", "simpo", "sft")
 SFT_ADAPTER = "sft_adapter"   # inside the W0 folder: the safety-SFT LoRA before merging
@@ -188,6 +189,7 @@ def safety_sft(cfg: ExperimentConfig, base: Path, out: Path) -> dict:
         modeling.save_adapter(peft_model, tmp / SFT_ADAPTER, extra={"stage": "safety_sft", "base": str(base)})
         # merge in memory (the adapter is saved above): same result as modeling.merge_to_folder, one load less
         merged = peft_model.merge_and_unload()
+        check_finite(dict(merged.named_parameters()), f"merged W0 for {out}")
         merged.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / W0_INFO).write_text(json.dumps({"raw_base": str(base), "n_rows": len(rows)}, indent=2))
@@ -240,8 +242,8 @@ def _copy_sft_adapter(w0: Path, out: Path, t0: float) -> dict:
     with atomic_dir(out, overwrite=True) as tmp:
         for f in ("adapter_config.json", "adapter_model.safetensors"):
             shutil.copy2(src / f, tmp / f)
-        (tmp / "nlsr_adapter.json").write_text(json.dumps(
-            {"stage": "preference_align", "method": "sft", "base": str(raw)}, indent=2))
+        (tmp / modeling.ADAPTER_INFO).write_text(json.dumps(modeling.with_base_fingerprint(
+            {"stage": "preference_align", "method": "sft", "base": str(raw)}), indent=2))
     return {"method": "sft", "base": str(raw), "losses": [], "steps": 0, "wall_s": round(time.time() - t0, 2)}
 
 

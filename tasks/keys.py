@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from nlsr.artifacts import stage_key
 from nlsr.config import ExperimentConfig, stable_hash
+from nlsr.judges.registry import judge_identity
 
 STAGE_VERSIONS: dict[str, int] = {
     "poison": 1, "sft": 1, "align": 1, "reference": 1, "score": 1, "finetune": 1, "realign": 1,
@@ -78,13 +79,16 @@ def stage_config(stage: str, cfg: ExperimentConfig, method: str | None = None) -
             return {"dtype": cfg.model.dtype, "template": d.template,
                     "scoring": sc.model_dump(exclude={"calibration_pool", "calibration_max_new_tokens"})}
         return {"dtype": cfg.model.dtype, "template": d.template, "scoring": sc.model_dump(),
-                "judge": {"name": ev.judge, "path": ev.judge_path, "batch_size": ev.batch_size}}
+                "judge": {"name": ev.judge, "path": ev.judge_path, "batch_size": ev.batch_size,
+                          "identity": judge_identity(ev.judge, ev.judge_path)}}
     if stage == "finetune":
         return {**common, "lora": cfg.lora.model_dump(), "finetune": cfg.finetune.model_dump()}
     if stage == "realign":
         return {"method": method, "realign": cfg.realign.settings(method)}
     if stage == "evaluate":
-        return {**common, "task": d.task, "evaluation": cfg.evaluation.model_dump()}
+        # The judge's identity (name + weights hash): new judge weights -> new evaluations.
+        return {**common, "task": d.task, "evaluation": cfg.evaluation.model_dump(),
+                "judge_identity": judge_identity(cfg.evaluation.judge, cfg.evaluation.judge_path)}
     raise KeyError(f"unknown stage {stage!r}; expected one of {list(STAGES)}")
 
 
