@@ -3,7 +3,6 @@ Non-Aligned, Vlguard, Lisa, ConstrainedSFT, Vaccine. Each test names the spec's 
 from __future__ import annotations
 
 import collections
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from nlsr import data, modeling, training
 from nlsr.config import load_config
 from nlsr.defenses import constrained_sft, lisa, non_aligned, vaccine, vlguard
-from nlsr.defenses.config import ConstrainedSFTConfig, LisaConfig, VaccineConfig
+from nlsr.defenses.config import ConstrainedSFTConfig, VaccineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG = ["alignment.sft.max_length=256", "alignment.preference.max_length=256", "finetune.max_length=256"]
