@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .defenses.config import DefensesConfig
+
 TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TASKS = ("sst2", "agnews", "gsm8k")
 DEVICE_PATTERN = r"auto|cpu|mps|(cuda|xpu)(:\d+)?"
@@ -223,6 +225,7 @@ class ExperimentConfig(Strict):
     scoring: ScoringConfig = ScoringConfig()
     realign: RealignConfig = RealignConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    defenses: DefensesConfig = DefensesConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("artifact_root")

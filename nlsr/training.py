@@ -14,7 +14,9 @@ import math
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import data, modeling
 from .atomic import atomic_dir
@@ -29,6 +31,16 @@ W0_INFO = "nlsr_w0.json"      # inside the W0 folder: which raw base it was merg
 
 class TrainingError(NLSRError):
     """A training stage cannot run with the given inputs; the message names the field or file."""
+
+
+@dataclass(frozen=True)
+class TrainerPlug:
+    """How a training-stage defense changes a stage (nlsr/defenses): its trl trainer subclass, extra constructor
+    arguments, and trl config fields that override the stage's. The trainer may define `defense_summary()`, a
+    JSON-able dict that the stage returns under "defense_summary"."""
+    trainer_cls: type | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- trainer plumbing
@@ -76,19 +88,25 @@ def _check_room(tok, prompts: list[str], tc: TrainConfig, what: str) -> None:
 
 
 def _sft_trainer(model, tok, rows: list[dict], tc: TrainConfig, cfg: ExperimentConfig, workdir: str,
-                 peft_config=None):
-    """SFTTrainer on {prompt, completion} rows: EOS appended, labels -100 on the prompt (completion_only_loss)."""
+                 peft_config=None, plug: TrainerPlug | None = None):
+    """SFTTrainer on {prompt, completion} rows: EOS appended, labels -100 on the prompt (completion_only_loss).
+    `plug` swaps in a defense's SFTTrainer subclass."""
     from trl import SFTConfig, SFTTrainer
+    plug = plug or TrainerPlug()
     _check_room(tok, [r["prompt"] for r in rows], tc, "SFT")
-    args = SFTConfig(**_common_args(tc, cfg, workdir), completion_only_loss=True, dataset_num_proc=None)
-    return SFTTrainer(model=model, args=args, train_dataset=_dataset(rows, "SFT"), processing_class=tok,
-                      peft_config=peft_config)
+    args = SFTConfig(**{**_common_args(tc, cfg, workdir), **plug.args}, completion_only_loss=True,
+                     dataset_num_proc=None)
+    return (plug.trainer_cls or SFTTrainer)(model=model, args=args, train_dataset=_dataset(rows, "SFT"),
+                                            processing_class=tok, peft_config=peft_config, **plug.kwargs)
 
 
-def _preference_trainer(method: str, model, tok, cfg: ExperimentConfig, workdir: str):
-    """The trl trainer of one preference method, with a fresh LoRA on `model` (W0)."""
+def _preference_trainer(method: str, model, tok, cfg: ExperimentConfig, workdir: str,
+                        plug: TrainerPlug | None = None):
+    """The trl trainer of one preference method, with a fresh LoRA on `model` (W0). `plug` swaps in a defense's
+    subclass of that method's trainer (Vaccine: of DPOTrainer)."""
     pc = cfg.alignment.preference
-    common = _common_args(pc, cfg, workdir)
+    plug = plug or TrainerPlug()
+    common = {**_common_args(pc, cfg, workdir), **plug.args}
     peft_config = _fresh_lora(model, cfg)
     if method == "kto":
         from trl import KTOConfig, KTOTrainer
@@ -106,7 +124,10 @@ def _preference_trainer(method: str, model, tok, cfg: ExperimentConfig, workdir:
         # Reference log-probs are computed on the fly with the adapter disabled: precomputing them costs the same
         # forward passes over the whole set, more than the steps we train when max_steps < one epoch.
         args = DPOConfig(**common, beta=pc.beta, loss_type=["sigmoid"])
-        return DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tok, peft_config=peft_config)
+        return (plug.trainer_cls or DPOTrainer)(model=model, args=args, train_dataset=train, processing_class=tok,
+                                                peft_config=peft_config, **plug.kwargs)
+    if plug.trainer_cls is not None:
+        raise TrainingError(f"alignment.method {method!r} cannot take a defense's trainer; only 'dpo' can")
     if method == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
         args = ORPOConfig(**common, beta=pc.beta, remove_unused_columns=False)  # beta is ORPO's lambda
@@ -134,8 +155,11 @@ def _run(trainer, n_rows: int, tc: TrainConfig, what: str) -> dict:
     logs = trainer.state.log_history
     losses = [[int(e["step"]), float(e["loss"])] for e in logs if "loss" in e and "step" in e]
     last = next((e for e in reversed(logs) if "loss" in e), {})
-    return {"losses": losses, "train_loss": float(out.training_loss), "steps": int(trainer.state.global_step),
-            "final": _numbers(last)}
+    result = {"losses": losses, "train_loss": float(out.training_loss), "steps": int(trainer.state.global_step),
+              "final": _numbers(last)}
+    if hasattr(trainer, "defense_summary"):
+        result["defense_summary"] = trainer.defense_summary()
+    return result
 
 
 def _load(folder: Path, cfg: ExperimentConfig):
@@ -185,7 +209,8 @@ def aligned_base(cfg: ExperimentConfig, w0: Path) -> Path:
     return raw_base_of(w0) if cfg.alignment.method == "sft" else Path(w0)
 
 
-def preference_align(cfg: ExperimentConfig, w0: Path, out: Path) -> dict:
+def preference_align(cfg: ExperimentConfig, w0: Path, out: Path, plug: TrainerPlug | None = None,
+                     extra: dict | None = None) -> dict:
     """Train the aligned adapter ΔW_a with cfg.alignment.method on top of W0; `out` = the adapter folder.
 
     Method 'sft' (Table 2's SFT row) trains nothing: the aligned adapter is a copy of the SFT LoRA, applied on the
@@ -202,10 +227,10 @@ def preference_align(cfg: ExperimentConfig, w0: Path, out: Path) -> dict:
     model, tok = _load(w0, cfg)
     modeling.set_seed(cfg.seed)
     with tempfile.TemporaryDirectory(prefix=f"nlsr-{method}-") as work:
-        trainer = _preference_trainer(method, model, tok, cfg, work)
+        trainer = _preference_trainer(method, model, tok, cfg, work, plug)
         result = _run(trainer, cfg.alignment.preference.n_samples or 0, cfg.alignment.preference, method)
     modeling.save_adapter(trainer.model, out, extra={"stage": "preference_align", "method": method,
-                                                     "base": str(w0)})
+                                                     "base": str(w0), **(extra or {})})
     return {**result, "method": method, "base": str(w0), "n_rows": len(trainer.train_dataset),
             "wall_s": round(time.time() - t0, 2)}
 
@@ -222,9 +247,11 @@ def _copy_sft_adapter(w0: Path, out: Path, t0: float) -> dict:
     return {"method": "sft", "base": str(raw), "losses": [], "steps": 0, "wall_s": round(time.time() - t0, 2)}
 
 
-def finetune(cfg: ExperimentConfig, base: Path, adapter: Path | None, mix_file: Path, out: Path) -> dict:
+def finetune(cfg: ExperimentConfig, base: Path, adapter: Path | None, mix_file: Path, out: Path,
+             plug: TrainerPlug | None = None, extra: dict | None = None) -> dict:
     """Harmful fine-tuning on the poisoned mix: keep training `adapter` (ΔW_t starts at ΔW_a, same basis);
-    adapter None = a fresh LoRA on `base` (the 'Non-Aligned' baseline). `out` = the fine-tuned adapter."""
+    adapter None = a fresh LoRA on `base` (the 'Non-Aligned' baseline). `out` = the fine-tuned adapter.
+    `plug` = a fine-tuning-stage defense's trainer; `extra` is recorded in out/nlsr_adapter.json."""
     t0 = time.time()
     rows = data.read_jsonl(mix_file, required=("instruction", "output"))
     model, tok = _load(base, cfg)
@@ -236,11 +263,11 @@ def finetune(cfg: ExperimentConfig, base: Path, adapter: Path | None, mix_file: 
     else:
         model = modeling.load_adapter(model, adapter, trainable=True)  # checks the adapter fits this base
     with tempfile.TemporaryDirectory(prefix="nlsr-finetune-") as work:
-        trainer = _sft_trainer(model, tok, pc_rows, cfg.finetune, cfg, work, peft_config=peft_config)
+        trainer = _sft_trainer(model, tok, pc_rows, cfg.finetune, cfg, work, peft_config=peft_config, plug=plug)
         result = _run(trainer, len(rows), cfg.finetune, "fine-tuning")
     n_unsafe = sum(r.get("flag") == "unsafe" for r in rows)
     modeling.save_adapter(trainer.model, out, extra={
         "stage": "finetune", "base": str(base), "continued_from": None if adapter is None else str(adapter),
-        "mix": str(mix_file)})
+        "mix": str(mix_file), **(extra or {})})
     return {**result, "n_rows": len(rows), "n_unsafe": n_unsafe, "base": str(base),
             "continued_from": None if adapter is None else str(adapter), "wall_s": round(time.time() - t0, 2)}

@@ -59,6 +59,9 @@ READERS: dict[str, set[str] | None] = {
     "realign.direction": NLSR_REALIGN,
     "realign.safelora_tau": {"realign:safelora"},
     "evaluation": {"evaluate"},
+    # the training-stage defenses' knobs (nlsr/defenses): read only by their own stages, which cells wire in
+    # once the DAG has them; today they change no stage key
+    "defenses": set(),
 }
 
 # (overrides that make a field read, field -> readers in that setting)
