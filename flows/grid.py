@@ -34,6 +34,12 @@ def cell_label(point: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in point.items()) or "cell"
 
 
+def short_label(label: str) -> str:
+    """A grid cell's MLflow run name, short enough for the runs table: 'data.poison_ratio=0.1' -> 'poison_ratio=0.1'."""
+    return ",".join(part.split("=", 1)[0].rsplit(".", 1)[-1] + part[part.find("="):] if "=" in part else part
+                    for part in label.split(","))
+
+
 def cell_run_name(grid_name: str, cfg: ExperimentConfig, label: str) -> str:
     """A cell's flow run: the cell's own title, its grid, and the grid point when the title does not show it
     (a sweep over a method setting)."""
@@ -105,7 +111,7 @@ def _local(cells, labels, grid_name: str, parent_run_id: str) -> list[str]:
     failed = []
     for cfg, label in zip(cells, labels):
         state = cell.with_options(flow_run_name=cell_run_name(grid_name, cfg, label))(
-            cfg, grid=grid_name, parent_run_id=parent_run_id, run_name=label, return_state=True)
+            cfg, grid=grid_name, parent_run_id=parent_run_id, run_name=short_label(label), return_state=True)
         if not state.is_completed():
             get_run_logger().error(f"cell {label} failed: {state.message}")
             failed.append(label)
@@ -123,7 +129,7 @@ def _submit(cells, labels, grid_name: str, parent_run_id: str, deployment: str, 
         # flow run (attempt + 1) submits fresh cell runs, whose finished stages are cache hits.
         key = f"{flow_run.id}-{attempt}-{stable_hash(cfg)}"
         fr = run_deployment(deployment, parameters={"cfg": cfg.model_dump(mode="json"), "grid": grid_name,
-                                                    "parent_run_id": parent_run_id, "run_name": label},
+                                                    "parent_run_id": parent_run_id, "run_name": short_label(label)},
                             flow_run_name=cell_run_name(grid_name, cfg, label), timeout=0, idempotency_key=key,
                             tags=["nlsr", f"grid:{grid_name}"])
         log.info(f"submitted cell {label}: flow run {fr.id}")

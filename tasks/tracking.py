@@ -3,7 +3,7 @@
 Layout: one experiment per grid (`nlsr/<grid name>`) or per config name (`nlsr/<name>`); a parent run per grid;
 a child run per cell (tag `mlflow.parentRunId`). A rerun of the same cell reattaches to its run (found by the
 `nlsr.config_hash` tag), so resuming never duplicates runs or metrics: each stage is logged once per run, and
-`nlsr.logged.<stage>` remembers which artifact key was logged.
+`nlsr.key.<stage>` remembers which artifact key was logged.
 
 The flow logs every stage's `Ref` after the task returns, whether the stage was computed or a cache hit, so every
 cell run holds all of its metrics even when its alignment was trained by another cell.
@@ -194,7 +194,7 @@ class Tracker:
 
     def log_stage(self, label: str, ref: Ref) -> bool:
         """Metrics (numbers, per-step losses, wall time) and small files of one stage, once per run and key."""
-        tag = f"nlsr.logged.{label.replace(':', '.')}"
+        tag = f"nlsr.key.{label.replace(':', '.')}"  # also what `nlsr report` reads (one tag per stage, not two)
         if self.client.get_run(self.run_id).data.tags.get(tag) == ref.key:
             return False
         prefix = _prefix(label)
@@ -207,7 +207,7 @@ class Tracker:
         for name in STAGE_FILES.get(ref.stage, ()):
             if ref.file(name).is_file():
                 self.log_file(ref.file(name), prefix)
-        self.set_tags({tag: ref.key, f"nlsr.key.{label.replace(':', '.')}": ref.key})
+        self.set_tags({tag: ref.key})
         return True
 
     def log_dict(self, obj: Any, name: str) -> None:

@@ -153,7 +153,8 @@ def view_state(variants: Iterable[str], expand: Iterable[str] = ()) -> dict:
     parents expanded (their cells nested below)."""
     ordered = sorted(set(variants), key=_variant_rank)
     columns = [f"metrics.`{short}/{v}`" for short in HEADLINE.values() for v in ordered]
-    return {"selectedColumns": [*columns, "metrics.`wall_s/total`"], "orderByKey": "attributes.start_time",
+    columns.append("metrics.`wall_s/total`")
+    return {"selectedColumns": columns, "columnOrder": columns, "orderByKey": "attributes.start_time",
             "orderByAsc": False, "runsExpanded": {run_id: True for run_id in expand}}
 
 
@@ -180,10 +181,12 @@ def publish_view(client, experiment_id: str, variants: Iterable[str], parent_run
 def experiment_note(experiment_id: str) -> str:
     return (f"NLSR cells: one run per cell (grid cells nested under their grid's run). Metrics `hs/<variant>` = "
             f"harmful score (lower is better), `fa/<variant>` = task accuracy. "
-            f"[Open the runs table with these columns](#/experiments/{experiment_id}/runs?viewStateShareKey="
-            f"{VIEW_KEY}); each run's description holds its results table.")
+            f"[Open the runs table with these columns]({results_view_path(experiment_id)[1:]}); each run's "
+            f"description holds its results table.")
 
 
 def results_view_path(experiment_id: str) -> str:
-    """The UI path (after the server address) of the saved results view."""
-    return f"/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+    """The UI path (after the server address) of the saved results view. `workflowType=machine_learning`: the
+    MLflow 3.17 UI has a GenAI / model-training switch, stored per browser and GenAI by default, that overrides
+    the experiment kind; the parameter selects model training."""
+    return f"/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
