@@ -198,7 +198,7 @@ class Tracker:
         if self.client.get_run(self.run_id).data.tags.get(tag) == ref.key:
             return False
         prefix = _prefix(label)
-        scalars, stats = split_stage_metrics(ref.metrics)  # per-factor / per-category statistics: a JSON file
+        scalars, stats = split_stage_metrics(ref.metrics, ref.stage)  # per-factor / per-category statistics: a JSON file
         triples = [(f"{prefix}/{k}", v, 0) for k, v in scalars.items()]
         triples += [(f"{prefix}/step_loss", loss, step) for step, loss in _losses(ref.metrics)]
         self._metrics(triples)

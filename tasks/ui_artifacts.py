@@ -23,10 +23,13 @@ from nlsr.config import ExperimentConfig
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # MLflow UI: the "machine learning" (runs table) experiment page
 NOTE_TAG = "mlflow.note.content"
+PRIMARY_METRIC_TAG, PRIMARY_METRIC = "mlflow.experiment.primaryMetric.name", "hs/realigned"
 VIEW_KEY = "nlsr-results"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 HEADLINE = {"harmful_score": "hs", "task_accuracy": "fa"}
 VARIANT_ORDER = ("aligned", "finetuned", "realigned", "safelora", "restore-modules")
+# Stages whose metrics are mostly detail: only these become MLflow metrics (`nlsr report` reads the first two).
+STAGE_METRICS = {"evaluate": ("harmful_score", "task_accuracy", "wall_s")}
 # Interval bounds of a result row, whatever the report names them: harmful_score_lo, harmful_hi, accuracy_ci_high...
 _BOUND = re.compile(r"^(harmful_score|harmful|task_accuracy|accuracy)_(?:ci_)?(lo|low|lower|hi|high|upper)$")
 
@@ -76,14 +79,17 @@ def headline_metrics(rows: Iterable[dict]) -> dict[str, float]:
     return out
 
 
-def split_stage_metrics(metrics: dict) -> tuple[dict[str, float], dict[str, Any]]:
+def split_stage_metrics(metrics: dict, stage: str = "") -> tuple[dict[str, float], dict[str, Any]]:
     """A stage's metrics as (scalars worth a metric, statistics for a JSON artifact). Dicts (per-factor mask
-    fractions, per-category harmful scores, the trainer's final numbers) would become hundreds of metrics."""
+    fractions, per-category harmful scores, the trainer's final numbers) would become hundreds of metrics; an
+    evaluation's counts and sub-timings (five variants of them) go to the JSON file as well."""
+    keep = STAGE_METRICS.get(stage)
     scalars, stats = {}, {}
     for k, v in metrics.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if number and (keep is None or k in keep):
             scalars[k] = v
-        elif isinstance(v, dict):
+        elif number or isinstance(v, dict):
             stats[k] = v
     return scalars, stats
 
@@ -159,10 +165,12 @@ def view_state(variants: Iterable[str], expand: Iterable[str] = ()) -> dict:
 
 
 def prepare_experiment(client, experiment_id: str) -> None:
-    """Open on the runs table (experiment kind), once per experiment."""
+    """Open on the runs table (experiment kind), with the realigned model's harmful score as the primary metric
+    (its chart comes first in the chart view); once per experiment."""
     tags = client.get_experiment(experiment_id).tags
-    if tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    for key, value in ((EXPERIMENT_KIND_TAG, EXPERIMENT_KIND), (PRIMARY_METRIC_TAG, PRIMARY_METRIC)):
+        if tags.get(key) != value:
+            client.set_experiment_tag(experiment_id, key, value)
 
 
 def publish_view(client, experiment_id: str, variants: Iterable[str], parent_run_id: str | None = None) -> None:

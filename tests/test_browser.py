@@ -76,7 +76,10 @@ def site(tmp_path_factory):
     work = tmp_path_factory.mktemp("browse")
     root, home = work / "runs", work / "prefect-home"
     root.mkdir()
-    env = base_env(PREFECT_HOME=str(home), OMP_NUM_THREADS="1", PREFECT_LOGGING_LEVEL="WARNING")
+    # A fresh Prefect home: its temporary API server first creates the database, which can take minutes on a
+    # loaded 2-core machine.
+    env = base_env(PREFECT_HOME=str(home), OMP_NUM_THREADS="1", PREFECT_LOGGING_LEVEL="WARNING",
+                   PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="600")
     for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
         env.pop(var, None)
     t0 = time.perf_counter()
