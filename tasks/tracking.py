@@ -198,7 +198,8 @@ class Tracker:
         if self.client.get_run(self.run_id).data.tags.get(tag) == ref.key:
             return False
         prefix = _prefix(label)
-        scalars, stats = split_stage_metrics(ref.metrics, ref.stage)  # per-factor / per-category statistics: a JSON file
+        # per-factor / per-category statistics and evaluation details: a JSON file, not hundreds of metrics
+        scalars, stats = split_stage_metrics(ref.metrics, ref.stage)
         triples = [(f"{prefix}/{k}", v, 0) for k, v in scalars.items()]
         triples += [(f"{prefix}/step_loss", loss, step) for step, loss in _losses(ref.metrics)]
         self._metrics(triples)
