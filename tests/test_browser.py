@@ -148,9 +148,10 @@ def test_mlflow_runs_table_shows_the_cells_with_their_harmful_scores(browser, si
     page.get_by_role("row").filter(has_text=parent.info.run_name).get_by_role("button").first.click()  # expand
     for run in site["cells"]:
         page.get_by_text(run.info.run_name, exact=True).first.wait_for()
-        value = f"{run.data.metrics['hs/realigned']:g}"
-        assert page.get_by_role("row").filter(has_text=run.info.run_name).get_by_text(value).count() > 0
     shot(page, site, "mlflow-runs")
+    shown = page.inner_text("body")
+    for run in site["cells"]:  # the cells' harmful scores are in the table (values as MLflow prints them)
+        assert f"{run.data.metrics['hs/realigned']:g}" in shown and f"{run.data.metrics['hs/aligned']:g}" in shown
     page.close()
 
 
@@ -161,7 +162,8 @@ def test_mlflow_run_page_shows_its_results_table(browser, site):
               f"?workflowType=machine_learning")
     page.get_by_text("harmful score ⬇").first.wait_for()  # the description: the cell's results table
     _tidy(page)
-    page.get_by_text("Show more").first.click()
+    if page.get_by_text("Show more").count():
+        page.get_by_text("Show more").first.click()
     page.get_by_text("restore-modules").first.wait_for()
     page.get_by_text("poison ratio").first.wait_for()
     shot(page, site, "mlflow-run")
