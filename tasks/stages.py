@@ -206,6 +206,4 @@ STAGE_TASKS = {"poison": poison, "sft": sft, "align": align, "reference": refere
 
 def bound(root: str | Path) -> dict:
     """All stage tasks with their Prefect cache records under `root` (plus the uncached `base`)."""
-    # Task runs are named by their stage ('sft', 'evaluate-realigned'), not '<stage>-<random suffix>'.
-    return {"base": base.with_options(task_run_name="base"),
-            **{name: bind(t, name, root).with_options(task_run_name=name) for name, t in STAGE_TASKS.items()}}
+    return {"base": base, **{name: bind(t, name, root) for name, t in STAGE_TASKS.items()}}
