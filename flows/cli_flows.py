@@ -5,6 +5,7 @@ MLflow writes to SQLite under the artifact root. Heavy imports happen inside the
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -50,9 +51,12 @@ def add_commands(sub) -> None:
                    help="job variable env for the flow runs, e.g. CUDA_VISIBLE_DEVICES=0 (repeatable)")
     d.set_defaults(func=_deploy)
 
-    u = sub.add_parser("ui", help="print (or --start) the MLflow and Prefect UI commands")
-    u.add_argument("--root", default="runs")
-    u.add_argument("--start", action="store_true", help="start both servers on 127.0.0.1 until Ctrl-C")
+    u = sub.add_parser("ui", help="start the MLflow and Prefect UIs on the local runs (127.0.0.1) until Ctrl-C")
+    u.add_argument("--root", default="runs", help="artifact root whose mlflow.db to browse (default: runs)")
+    u.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port (default 5000; busy: a free one)")
+    u.add_argument("--prefect-port", type=int, default=4200, help="Prefect UI port (default 4200; busy: a free one)")
+    u.add_argument("--print", dest="print_only", action="store_true", help="print the commands instead")
+    u.add_argument("--start", action="store_true", help=argparse.SUPPRESS)  # the former opt-in; starting is default
     u.set_defaults(func=_ui)
 
 
@@ -203,9 +207,8 @@ def _deploy(args) -> int:
 
 
 def _ui(args) -> int:
-    from flows.servers import start_uis, ui_commands
-    if not args.start:
-        for name, cmd in ui_commands(args.root).items():
-            print(f"# {name}\n{cmd}\n")
+    from flows import ui
+    if args.print_only:
+        print(ui.commands(args.root, args.mlflow_port, args.prefect_port))
         return 0
-    return start_uis(args.root)
+    return ui.serve(args.root, args.mlflow_port, args.prefect_port)
