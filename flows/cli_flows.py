@@ -95,6 +95,8 @@ def _run(args) -> int:
                   file=sys.stderr)
             return 1
     print("\n" + report.markdown(rows, ("variant", "harmful_score", "task_accuracy")))
+    pairs = report.paired_markdown(report.paired(rows))
+    print(f"{report.interval_caption(report.summarize(rows))}\n" + (f"\n{pairs}" if pairs else ""))
     print(f"cell {cfg.name}: {time.perf_counter() - t0:.1f} s; artifacts under {Path(cfg.artifact_root).resolve()}")
     print(f"MLflow: experiment {experiment_name(cfg)!r} at {tracking_uri(cfg)}")
     return 0
@@ -164,7 +166,7 @@ def _grid(args) -> int:
     t0 = time.perf_counter()
     result = run_grid(grid.model_dump(mode="json"), str(Path(args.grid).parent.resolve()), overrides,
                       pool=args.pool, deployment=args.deployment, timeout=args.timeout)
-    print("\n" + report.markdown(report.summarize(result["rows"])))
+    print("\n" + report.text_report(result["rows"]))
     print(f"grid {grid.name}: {time.perf_counter() - t0:.1f} s; table and plot in {result['out']}")
     if result["failed"]:
         print(f"nlsr grid: {len(result['failed'])} cell(s) failed: {result['failed']}; run the same command "
@@ -186,8 +188,9 @@ def _report(args) -> int:
     name = (args.experiment or "all").replace("/", "-")
     out = Path(args.out) if args.out else Path(args.root) / "reports" / name
     paths = report.write_results(rows, out, title=args.experiment)
-    print(report.markdown(report.summarize(rows)))
-    print(f"{len(rows)} rows; table: {paths['rows']}, {paths['markdown']}; plot: {paths['plot']}")
+    print(report.text_report(rows))
+    print(f"{len(rows)} rows; tables: {paths['rows']}, {paths['summary']}, {paths['paired']}, {paths['markdown']}; "
+          f"plot: {paths['plot']}")
     return 0
 
 

@@ -161,7 +161,7 @@ def _prefect_artifacts(name: str, rows: list[dict], failed: list[str]) -> None:
     key = "nlsr-grid-" + "".join(c if c.isalnum() else "-" for c in name.lower())
     if summary:
         create_table_artifact(summary, key=key + "-table", description=f"grid {name}: mean over seeds")
-    text = f"# grid {name}\n\n" + report.markdown(summary)
+    text = f"# grid {name}\n\n" + report.text_report(rows)
     if failed:
         text += f"\n\nFailed cells (rerun the grid to resume): {', '.join(failed)}\n"
     create_markdown_artifact(text, key=key, description=f"results of grid {name}")

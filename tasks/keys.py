@@ -10,6 +10,7 @@ keeps a docstring edit from invalidating hours of GPU work.
 """
 from __future__ import annotations
 
+import hashlib
 from importlib import metadata
 from pathlib import Path
 
@@ -17,11 +18,12 @@ from pydantic import BaseModel, ConfigDict
 
 from nlsr.artifacts import stage_key
 from nlsr.config import ExperimentConfig, stable_hash
+from nlsr.data import is_prompt_file
 from nlsr.judges.registry import judge_identity
 
 STAGE_VERSIONS: dict[str, int] = {
     "poison": 1, "sft": 1, "align": 1, "reference": 1, "score": 1, "finetune": 1, "realign": 1,
-    "evaluate": 1, "report": 2,
+    "evaluate": 1, "report": 3,
 }
 STAGES = tuple(STAGE_VERSIONS)
 
@@ -87,8 +89,11 @@ def stage_config(stage: str, cfg: ExperimentConfig, method: str | None = None) -
         return {"method": method, "realign": cfg.realign.settings(method)}
     if stage == "evaluate":
         # The judge's identity (name + weights hash): new judge weights -> new evaluations.
-        return {**common, "task": d.task, "evaluation": cfg.evaluation.model_dump(),
-                "judge_identity": judge_identity(cfg.evaluation.judge, cfg.evaluation.judge_path)}
+        out = {**common, "task": d.task, "evaluation": cfg.evaluation.model_dump(),
+               "judge_identity": judge_identity(cfg.evaluation.judge, cfg.evaluation.judge_path)}
+        if is_prompt_file(cfg.evaluation.harmful_set):  # a user's file: its content, not its name, is the input
+            out["harmful_set_sha256"] = hashlib.sha256(Path(cfg.evaluation.harmful_set).read_bytes()).hexdigest()
+        return out
     raise KeyError(f"unknown stage {stage!r}; expected one of {list(STAGES)}")
 
 
