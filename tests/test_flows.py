@@ -62,10 +62,15 @@ def test_cell_runs_the_whole_dag(first):
     store, nodes = ArtifactStore(first["root"]), plan(first["cfg"])
     assert {r["variant"] for r in first["rows"]} == VARIANTS
     assert all(r["harmful_score"] is not None and r["task_accuracy"] is not None for r in first["rows"])
+    for r in first["rows"]:  # each score with its interval, and the per-prompt verdicts it comes from
+        assert r["harmful_score_lo"] <= r["harmful_score"] <= r["harmful_score_hi"]
+        assert r["task_accuracy_lo"] <= r["task_accuracy"] <= r["task_accuracy_hi"]
+        assert len(r["verdicts"]["harmful_score"]) == r["n_harmful"]
+        assert 100 * r["verdicts"]["harmful_score"].count("1") / r["n_harmful"] == pytest.approx(r["harmful_score"])
     assert all(store.done(n.stage, n.key) for n in nodes.values())
     assert len(nodes) == 15 and computed(store) == Counter({(n.stage, n.key): 1 for n in nodes.values()})
     report = store.path("report", nodes["report"].key)
-    assert {"results.csv", "results.md", "pareto.png", "rows.json"} <= {p.name for p in report.iterdir()}
+    assert {"results.csv", "results.md", "pareto.png", "rows.json", "paired.csv"} <= {p.name for p in report.iterdir()}
 
 
 def test_mlflow_holds_the_cell(first):
@@ -295,6 +300,7 @@ def test_grid_shares_alignment_and_reports(first, capsys):
     assert main(["report", "--root", str(root), "--experiment", "nlsr/pair"]) == 0
     text = capsys.readouterr().out
     assert "harmful score ⬇" in text and "restore-modules" in text and "10 rows" in text
+    assert "realigned − finetuned" in text and "p (exact McNemar)" in text and "Wilson" in text
     assert (root / "reports" / "nlsr-pair" / "pareto.png").is_file()
     assert main(["report", "--root", str(root)]) == 0  # every finished cell under the root
     assert (root / "reports" / "all" / "results.csv").is_file()
