@@ -177,7 +177,7 @@ class EvaluationConfig(Strict):
     judge: str = Field("classifier", description="a registered judge (nlsr.judges.judge_names(): classifier, "
                        "keyword, hf, ...); its identity (name + weights hash) is part of the evaluation's key")
     judge_path: str | None = Field(None, description="local model folder for judges that need one (e.g. 'hf')")
-    harmful_set: str = Field(
+    harmful_set: Literal["harmful_eval", "harmful_dev", "advbench", "harmbench"] | str = Field(
         "harmful_eval", description="a shipped prompt set (harmful_eval, harmful_dev, advbench, harmbench) or the path "
                                     "of a JSONL file of your own prompts: one object per line with a 'prompt' string")
     harmful_limit: int = Field(100, ge=1)

@@ -155,7 +155,7 @@ def test_user_prompt_file_as_harmful_set(tmp_path):
                           ('{"prompt": "ok"}\n\n{"prompt": ""}\n', "line 3: field.*non-empty strings"),
                           ('{"prompt": "ok"}\nnot json\n', "line 2: not valid JSON")):
         bad.write_text(text)
-        with pytest.raises(ConfigError, match=f"evaluation.harmful_set: {bad}, {message}"):
+        with pytest.raises(ConfigError, match=f"evaluation.harmful_set: .*{bad}, {message}"):
             load_config(None, [f"evaluation.harmful_set={bad}"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(None, [f"evaluation.harmful_set={tmp_path / 'missing.jsonl'}"])
