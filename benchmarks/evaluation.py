@@ -6,7 +6,9 @@ turn markers (after), on the same prompts; the cleaned answers must be identical
     python -m benchmarks.evaluation --n 64 --batch-sizes 16,8
 
 answers/s is what an evaluation's wall time follows; tokens/s counts the tokens of the cleaned answers (the same in
-every row of the table when the answers are identical, so it moves with answers/s).
+every row of the table when the answers are identical, so it moves with answers/s). 'rows computed' counts the
+rows of every forward pass (prefill + one per decoded token, finished rows included): unlike the times, it does not
+depend on what else the machine is doing.
 """
 from __future__ import annotations
 
@@ -18,12 +20,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _answers(model, tok, prompts: list[str], budget: int, batch: int, stop: bool) -> tuple[list[str], float]:
+def _answers(model, tok, prompts: list[str], budget: int, batch: int, stop: bool) -> dict:
+    """Cleaned answers, wall and CPU seconds, and the rows the model computed (a forward pass over a batch of b
+    rows counts b): that count does not depend on what else runs on the machine."""
     from nlsr.evaluation import STOP_MARKERS, clean_answer
     from nlsr.generation import generate
-    t0 = time.perf_counter()
-    raw = generate(model, tok, prompts, budget, batch, stop_strings=STOP_MARKERS if stop else ())
-    return [clean_answer(a) for a in raw], time.perf_counter() - t0
+    rows = [0]
+    hook = model.register_forward_pre_hook(
+        lambda _m, args, kwargs: rows.__setitem__(0, rows[0] + kwargs["input_ids"].shape[0]), with_kwargs=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        raw = generate(model, tok, prompts, budget, batch, stop_strings=STOP_MARKERS if stop else ())
+    finally:
+        hook.remove()
+    return {"answers": [clean_answer(a) for a in raw], "wall_s": time.perf_counter() - t0,
+            "cpu_s": time.process_time() - c0, "row_steps": rows[0]}
 
 
 def run(cfg, n: int, batch_sizes: list[int], prompt_set: str) -> list[dict]:
@@ -34,23 +45,25 @@ def run(cfg, n: int, batch_sizes: list[int], prompt_set: str) -> list[dict]:
     prompts = [data.format_prompt(r["prompt"], "", cfg.data.template, tok) for r in data.harmful_prompts(prompt_set, n)]
     budget = cfg.evaluation.max_new_tokens
     _answers(model, tok, prompts[:2], 4, 2, True)  # warm-up: first-call allocations, the stop-string tables
-    before, wall = _answers(model, tok, prompts, budget, cfg.evaluation.batch_size, False)
-    rows = [{"setting": f"before: to max_new_tokens, batch {cfg.evaluation.batch_size}", "wall_s": wall,
-             "answers": before, "identical": len(before)}]
+    before = _answers(model, tok, prompts, budget, cfg.evaluation.batch_size, False)
+    rows = [{"setting": f"before: to max_new_tokens, batch {cfg.evaluation.batch_size}", **before,
+             "identical": len(before["answers"])}]
     for b in batch_sizes:
-        after, wall = _answers(model, tok, prompts, budget, b, True)
-        rows.append({"setting": f"after: stop at markers, batch {b}", "wall_s": wall, "answers": after,
-                     "identical": sum(x == y for x, y in zip(after, before))})
+        after = _answers(model, tok, prompts, budget, b, True)
+        rows.append({"setting": f"after: stop at markers, batch {b}", **after,
+                     "identical": sum(x == y for x, y in zip(after["answers"], before["answers"]))})
     for r in rows:
         r["tokens"] = sum(len(tok(a, add_special_tokens=False)["input_ids"]) for a in r["answers"])
     return rows
 
 
 def table(rows: list[dict], n: int) -> str:
-    base = rows[0]["wall_s"]
-    lines = ["| setting | wall s | answers/s | tokens/s | speed-up | identical answers |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['setting']} | {r['wall_s']:.1f} | {n / r['wall_s']:.2f} | {r['tokens'] / r['wall_s']:.1f} | "
-              f"{base / r['wall_s']:.2f}x | {r['identical']}/{n} |" for r in rows]
+    base = rows[0]
+    lines = ["| setting | wall s | CPU s | answers/s (wall) | tokens/s (wall) | speed-up (wall) | rows computed | "
+             "fewer rows | identical answers |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['setting']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {n / r['wall_s']:.2f} | "
+              f"{r['tokens'] / r['wall_s']:.1f} | {base['wall_s'] / r['wall_s']:.2f}x | {r['row_steps']} | "
+              f"{base['row_steps'] / r['row_steps']:.2f}x | {r['identical']}/{n} |" for r in rows]
     return "\n".join(lines)
 
 
