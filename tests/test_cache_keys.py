@@ -99,6 +99,9 @@ def annotation(path: str):
 
 def candidates(path: str, value) -> list:
     """Values to try instead of `value`, most natural first (validation picks the first that passes)."""
+    if path == "evaluation.judge":  # a registry name, not a Literal
+        from nlsr.judges.registry import judge_names
+        return [n for n in ("keyword", "classifier", *judge_names()) if n != value]
     ann = annotation(path)
     args = [a for a in typing.get_args(ann) if a is not type(None)]
     literals = [x for a in [ann, *args] if typing.get_origin(a) is typing.Literal for x in typing.get_args(a)]
