@@ -36,13 +36,22 @@ def computed(store: ArtifactStore) -> Counter:
     return Counter((e["stage"], e["key"]) for e in store.events() if e["event"] == "computed")
 
 
-def task_states(flow_state) -> dict[str, str]:
+def task_states(flow_state, expect: int = 0, timeout: float = 120.0) -> dict[str, str]:
+    """Task-run name -> state name of a finished flow run. Prefect 3 records task runs from the client's event
+    stream, asynchronously: on a busy machine the last ones land seconds after the flow returns, so wait (bounded)
+    until `expect` task runs are recorded and none is still Pending/Running."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     flow_run_id = flow_state.state_details.flow_run_id
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r.state.name for r in runs}
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        states = {r.name: r.state.name if r.state else "Pending" for r in runs}  # no state yet: not recorded
+        settled = not {"Pending", "Running", "Scheduled"} & set(states.values())
+        if (len(runs) >= expect and settled) or time.monotonic() > deadline:
+            return states
+        time.sleep(1.0)
 
 
 @pytest.fixture(scope="session")  # not module: xdist may interleave test_resume, which would rerun a module fixture
@@ -90,7 +99,8 @@ def test_mlflow_holds_the_cell(first):
     assert {v: m[f"hs/{v}"] for v in VARIANTS} == {v: rows[v]["harmful_score"] for v in VARIANTS}
     assert {v: m[f"fa/{v}"] for v in VARIANTS} == {v: rows[v]["task_accuracy"] for v in VARIANTS}
     assert m["wall_s/total"] > 0 and not any("per_factor" in k or "by_category" in k for k in m), sorted(m)
-    assert len(m) < 100, len(m)
+    # ~75 stage numbers + hs/fa and their 95 % bounds per variant (5 × 6); was 627 before per-factor stats moved
+    assert len(m) <= 110, len(m)
     note = tags["mlflow.note.content"]
     assert "harmful score ⬇" in note and "| restore-modules |" in note and "poison ratio | 0.1" in note
     exp_tags = mlc.get_experiment(exp.experiment_id).tags
@@ -122,7 +132,7 @@ def test_second_run_is_all_cache_hits(first):
     wall = time.perf_counter() - t0
     assert state.is_completed() and state.result() == first["rows"]
     assert computed(store) == before
-    states = task_states(state)
+    states = task_states(state, expect=16)  # 15 stages + the raw base
     stages = {name: s for name, s in states.items() if not name.startswith("base")}
     assert len(stages) == 15 and set(stages.values()) == {"Completed"}, states
     hits = [e for e in store.events() if e["event"] == "hit"]
