@@ -255,11 +255,12 @@ def save_adapter(peft_model, out: str | Path, extra: dict | None = None) -> Path
 
 
 def save_adapter_weights(template: str | Path, weights: dict[str, torch.Tensor], out: str | Path,
-                         extra: dict | None = None) -> Path:
-    """Write modified adapter tensors next to a copy of `template`'s adapter_config (atomic)."""
+                         extra: dict | None = None, config_update: dict | None = None) -> Path:
+    """Write modified adapter tensors next to a copy of `template`'s adapter_config (atomic); `config_update`
+    changes config fields (RESTA's rank-stacked adapter has another rank and alpha)."""
     from safetensors.torch import save_file
     out = Path(out)
-    cfg = adapter_config(template)
+    cfg = {**adapter_config(template), **(config_update or {})}
     with atomic_dir(out, overwrite=True) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "adapter_model.safetensors"))
