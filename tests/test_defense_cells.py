@@ -25,8 +25,8 @@ def smoke_grid(tmp_path_factory):
     from flows.cli import main
     root = tmp_path_factory.mktemp("defenses-runs")
     assert main(["grid", str(GRID), "--set", f"artifact_root={root}"]) == 0
-    (cfg,) = load_grid(GRID).cells(GRID.parent, [f"artifact_root={root}"])
-    return {"root": root, "cfg": cfg}
+    cells = load_grid(GRID).cells(GRID.parent, [f"artifact_root={root}"])
+    return {"root": root, "cfg": cells[0], "cells": cells}
 
 
 def test_every_defense_runs_in_the_cell(smoke_grid):
@@ -37,6 +37,7 @@ def test_every_defense_runs_in_the_cell(smoke_grid):
     assert all(store.done(n.stage, n.key) for n in nodes.values())
     assert {"unalign", "finetune:non-aligned", "realign:antidote", "realign:resta"} <= set(nodes)
     rows = read_csv(root / "grids" / "smoke-defenses" / "results.csv")
+    assert len(rows) == 2 * 9
     by_variant = {r["variant"]: r for r in rows}
     assert set(by_variant) == {"aligned", "finetuned", "non-aligned"} | POST
     stages = {v: r["defense_stage"] for v, r in by_variant.items()}
@@ -48,6 +49,8 @@ def test_every_defense_runs_in_the_cell(smoke_grid):
     assert nodes["realign:antidote"].inputs["finetuned"] == nodes["finetune"].key
     assert nodes["realign:resta"].inputs["unaligned"] == nodes["unalign"].key
     assert nodes["finetune:non-aligned"].inputs["adapter"] is None
+    other = plan(smoke_grid["cells"][1])  # the density sweep's second cell shares everything but Antidote
+    assert {k for k in nodes if nodes[k].key != other[k].key} == {"realign:antidote", "evaluate:antidote", "report"}
 
 
 def test_mlflow_logs_each_defense(smoke_grid):
@@ -56,11 +59,12 @@ def test_mlflow_logs_each_defense(smoke_grid):
     mlc = client(tracking_uri(cfg))
     runs = [r for e in mlc.search_experiments() for r in mlc.search_runs([e.experiment_id],
                                                                         "tags.`nlsr.kind` = 'cell'")]
-    (run,) = runs
-    m = run.data.metrics
-    for v in POST | {"non-aligned"}:
-        assert f"{v}/harmful_score" in m, v
-    assert "realign/antidote/pruned_fraction" in m and "realign/resta/n_patched" in m
+    assert len(runs) == 2
+    for run in runs:
+        m = run.data.metrics
+        for v in POST | {"non-aligned"}:
+            assert f"{v}/harmful_score" in m, v
+        assert "realign/antidote/pruned_fraction" in m and "realign/resta/n_patched" in m
 
 
 def test_a_dummy_defense_is_one_module_and_one_entry(smoke_grid):
@@ -72,7 +76,7 @@ def test_a_dummy_defense_is_one_module_and_one_entry(smoke_grid):
     root, cfg = smoke_grid["root"], smoke_grid["cfg"]
     try:
         baselines = ", ".join([*cfg.realign.baselines, "dummy-copy"])
-        (dummy,) = load_grid(GRID).cells(GRID.parent, [f"artifact_root={root}", f"realign.baselines=[{baselines}]"])
+        dummy = load_grid(GRID).cells(GRID.parent, [f"artifact_root={root}", f"realign.baselines=[{baselines}]"])[0]
         store = ArtifactStore(root)
         before = Counter(e["stage"] for e in store.events() if e["event"] == "computed")
         rows = {r["variant"]: r for r in cell(dummy)}
