@@ -33,7 +33,14 @@ COPY . /app
 RUN uv pip install --no-cache --no-deps -e /app \
  && nlsr --help > /dev/null
 
-# Artifact store, Prefect results and HF caches live on the shared /data volume (the same on every worker).
+# Everything runs as an unprivileged user; the volumes' mount points belong to it (a fresh named volume takes
+# the owner of its mount point in the image).
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin nlsr \
+ && mkdir -p /data /mlartifacts \
+ && chown nlsr:nlsr /data /mlartifacts
+USER nlsr
+
+# The artifact store and HF caches live on the shared /data volume (the same on every worker).
 ENV NLSR_ARTIFACT_ROOT=/data/runs HF_HOME=/data/hf
 VOLUME ["/data"]
 CMD ["nlsr", "--help"]

@@ -18,7 +18,7 @@ ARGS ?=
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
 	DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false
 
-.PHONY: venv install run test test-fast bench clean-venv print-venv
+.PHONY: venv install run lint test test-fast bench clean-venv print-venv
 # No prerequisite: the venv's path already names the lock's hash, and a fresh clone's newer file times must not
 # trigger a rebuild of a venv that other clones share.
 $(VENV)/.deps:
@@ -42,10 +42,14 @@ install: venv
 run: install
 	$(BIN)/nlsr run $(CONFIG) $(ARGS)
 
-test: install
+# ruff (rules in pyproject.toml); the import-layer contract is tests/test_layers.py.
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
 	$(TEST_ENV) $(BIN)/python -m pytest -n 2 --dist loadgroup $(ARGS)
 
-test-fast: install
+test-fast: lint
 	$(TEST_ENV) $(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow and not server" $(ARGS)
 
 bench: install

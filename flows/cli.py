@@ -72,10 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command_modules():
-    """Optional command groups (method, stages, flows), each a module with add_commands(sub)."""
+    """Optional command groups (method, stages, flows, judge), each a module with add_commands(sub)."""
     import importlib
     mods = []
-    for name in ("flows.cli_method", "flows.cli_stages", "flows.cli_flows"):
+    for name in ("flows.cli_method", "flows.cli_stages", "flows.cli_flows", "flows.cli_judge"):
         try:
             mods.append(importlib.import_module(name))
         except ModuleNotFoundError as err:

@@ -16,6 +16,11 @@ def add_commands(sub) -> None:
     p.add_argument("config", nargs="?", default=None, help="experiment YAML (default: the built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set data.poison_ratio=0.1 (repeatable)")
+    p.add_argument("--verify", action="store_true",
+                   help="hash every file of every reused artifact (default: check sizes, and hashes of files up "
+                        "to 64 MiB)")
+    p.add_argument("--debug", action="store_true",
+                   help="print full tracebacks on the console (they always go to <artifact_root>/logs/)")
     p.set_defaults(func=_run)
 
     g = sub.add_parser("grid", help="run a grid of cells (locally, or on a Prefect work pool with --pool)")
@@ -64,16 +69,34 @@ def _run(args) -> int:
     from nlsr.config import dump_yaml, load_config
     cfg = load_config(args.config, [*_root_override(), *args.overrides])
     print(f"# resolved config ({args.config or 'defaults'})\n{dump_yaml(cfg)}", flush=True)
+    if args.verify:
+        from nlsr.integrity import VERIFY_ENV
+        os.environ[VERIFY_ENV] = "full"
     _prestart_prefect(cfg)
     t0 = time.perf_counter()
     from flows.cell import cell
+    from flows.runlog import one_line, run_log, write_traceback
     from nlsr import report
+    from nlsr.artifacts import ArtifactStore
     from tasks.tracking import experiment_name, tracking_uri
-    rows = cell(cfg)
+    log_file = ArtifactStore(cfg.artifact_root).root / "logs" / f"run-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+    with run_log(log_file, args.debug):
+        try:
+            rows = cell(cfg)
+        except Exception as err:
+            write_traceback(err, log_file)
+            if args.debug:
+                raise
+            print(f"nlsr run: error: {one_line(err)}\n(traceback in {log_file}; or run again with --debug)",
+                  file=sys.stderr)
+            return 1
     print("\n" + report.markdown(rows, ("variant", "harmful_score", "task_accuracy")))
     print(f"cell {cfg.name}: {time.perf_counter() - t0:.1f} s; artifacts under {Path(cfg.artifact_root).resolve()}")
     print(f"MLflow: experiment {experiment_name(cfg)!r} at {tracking_uri(cfg)}")
     return 0
+
+
+PREFECT_SERVER_APP = "prefect.server.api.server:create_app"  # in the temporary server's command line
 
 
 def _prestart_prefect(cfg=None) -> None:
@@ -81,7 +104,8 @@ def _prestart_prefect(cfg=None) -> None:
     now, while a background thread imports torch / transformers / trl, so the two waits overlap.
 
     The server is started from this (main) thread only: Prefect's SubprocessASGIServer is a singleton whose
-    start() is not thread-safe, and two threads starting it can leave an orphaned server process behind.
+    start() is not thread-safe, and two threads starting it can leave an orphaned server process behind. A
+    watchdog (flows.lifeline) stops it if this process is killed.
     """
     if os.environ.get("PREFECT_API_URL"):
         return
@@ -102,10 +126,18 @@ def _prestart_prefect(cfg=None) -> None:
     worker = threading.Thread(target=heavy_imports, daemon=True)
     worker.start()
     try:
+        from filelock import FileLock
         from prefect.server.api.server import SubprocessASGIServer
-        from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED, get_current_settings
+
+        from flows.lifeline import watch
         if PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-            SubprocessASGIServer().start()  # the instance get_client() uses later
+            # Two runs starting at once would both create (migrate) Prefect's SQLite database: one at a time.
+            home = get_current_settings().home
+            home.mkdir(parents=True, exist_ok=True)
+            watch(match=PREFECT_SERVER_APP)  # no orphaned server after kill -9 of this process, even mid-start
+            with FileLock(str(home / "nlsr-server-start.lock")):
+                SubprocessASGIServer().start()  # the instance get_client() uses later
     finally:
         worker.join()
 

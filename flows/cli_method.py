@@ -15,6 +15,8 @@ from pathlib import Path
 
 from nlsr.methods import REALIGNERS, SCORERS
 
+from .outputs import add_force, check_out_file, check_out_folder, mark_out_folder
+
 
 def add_commands(sub) -> None:
     _add_reference(sub)
@@ -51,6 +53,7 @@ def _add_reference(sub) -> None:
     p.add_argument("--mode", choices=["paper", "code"], default=None,
                    help="paper: ΔW_e = (1+β)ΔW_a (default); code: both factors × 2β as released")
     p.add_argument("--out", required=True, help="output adapter folder")
+    add_force(p)
     p.set_defaults(func=_reference)
 
 
@@ -63,7 +66,9 @@ def _reference(args) -> int:
     aligned = _existing(args.aligned, "aligned adapter")
     if args.base:
         check_base(resolve_base(args.base, args.artifact_root), aligned)
+    check_out_folder(args.out, "reference", args.force)
     rep = build_reference(aligned, Path(args.out), cfg)
+    mark_out_folder(args.out, "reference")
     print(f"reference adapter {args.out}: {rep['n_modules']} modules, mode {rep['mode']}, β {rep['beta']}: "
           f"A × {rep['scale_A']:g}, B × {rep['scale_B']:g}, ΔW × {rep['delta_w_scale']:g} "
           f"(report {Path(args.out) / REPORT_NAME})")
@@ -79,9 +84,10 @@ def _add_score(sub) -> None:
     p.add_argument("--calibration", default=None,
                    help="JSONL with 'prompt' and 'response' fields, or 'reference': the reference model answers "
                         "risky prompts and the judge keeps the safe answers (default: the shipped safe answers)")
-    p.add_argument("--judge", choices=["classifier", "keyword", "hf"], default="classifier",
-                   help="judge that filters the answers of --calibration reference")
-    p.add_argument("--judge-path", default=None, help="local moderation model folder for --judge hf")
+    p.add_argument("--judge", default="classifier",
+                   help="registered judge that filters the answers of --calibration reference (classifier, "
+                        "keyword, hf, ...; `nlsr judge --help` lists them)")
+    p.add_argument("--judge-path", default=None, help="local model folder for judges that need one (--judge hf)")
     p.add_argument("--calibration-pool", type=int, default=None,
                    help="--calibration reference: prompts answered before filtering (2 × n-samples)")
     p.add_argument("--method", choices=SCORERS.names(), default=None)
@@ -107,12 +113,16 @@ def _score(args) -> int:
     from nlsr.modeling import resolve_base
     from nlsr.scoring import report_path, score_neurons
     generated = args.calibration == "reference"
+    if generated:  # a bad judge name fails before any model loads
+        from nlsr.judges import check_judge
+        check_judge(args.judge, args.judge_path)
     cfg = _config(ScoringConfig, {"method": args.method, "sparsity": args.sparsity, "n_samples": args.n_samples,
                                   "max_length": args.max_length, "rank_rule": args.rank_rule,
                                   "granularity": args.granularity, "seed": args.seed,
                                   "calibration_format": args.calibration_format,
                                   "calibration": "reference" if generated else None,
                                   "calibration_pool": args.calibration_pool})
+    check_out_file(args.out, "score")
     reference = _existing(args.reference, "reference adapter")
     base = resolve_base(args.base, args.artifact_root)
     info = {"calibration": args.calibration or "safe"}
@@ -161,6 +171,7 @@ def _add_realign(sub) -> None:
     p.add_argument("--dare-rate", type=float, default=None, help="resta: DARE drop rate on the task delta (0)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    add_force(p)
     p.set_defaults(func=_realign)
 
 
@@ -197,7 +208,9 @@ def _realign(args) -> int:
     if meta.get("runs_model") and not args.base:
         raise NLSRError(f"--method {method} runs the model: it needs --base")
     paths["base"] = resolve_base(args.base, args.artifact_root) if args.base else None
+    check_out_folder(args.out, "realign", args.force)
     rep = REALIGNERS.get(method)(paths, cfg, Path(args.out), method)
+    mark_out_folder(args.out, "realign")
     print(f"realigned adapter {args.out}: method {rep['method']}, patched {rep['n_patched']}/{rep['n_modules']} "
           f"modules, {rep['entries_changed']} entries changed (report {Path(args.out) / REPORT_NAME})")
     return 0

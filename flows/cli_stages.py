@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .outputs import add_force, check_out_file, check_out_folder, mark_out_folder, written_by
+
 
 def _config_args(p) -> None:
     p.add_argument("config", nargs="?", default=None, help="experiment YAML (default: built-in defaults)")
@@ -24,6 +26,7 @@ def add_commands(sub) -> None:
     _config_args(p)
     p.add_argument("--base", default=None, help="'embedded', 'tiny' or a model folder (default: the config's model)")
     p.add_argument("--out", required=True, help="folder; gets w0/ (SFT-merged model) and aligned/ (adapter)")
+    add_force(p)
     p.set_defaults(func=_align)
 
     p = sub.add_parser("finetune", help="harmful fine-tuning on a poisoned mix, continuing the aligned adapter")
@@ -32,6 +35,7 @@ def add_commands(sub) -> None:
     p.add_argument("--adapter", required=True, help="adapter folder to continue, or 'none' for a fresh LoRA")
     p.add_argument("--mix", required=True, help="poisoned mix JSONL (nlsr data mix)")
     p.add_argument("--out", required=True, help="folder for the fine-tuned adapter")
+    add_force(p)
     p.set_defaults(func=_finetune)
 
     p = sub.add_parser("evaluate", help="harmful score and task accuracy of base (+ adapter)")
@@ -40,7 +44,7 @@ def add_commands(sub) -> None:
     p.add_argument("--adapter", default="none", help="adapter folder, or 'none' (default)")
     p.add_argument("--task", default=None, help="sst2, agnews or gsm8k (default: the config's data.task)")
     p.add_argument("--limit", type=int, default=None, help="harmful prompts and task examples to score")
-    p.add_argument("--judge", default=None, help="keyword, classifier or hf (default: the config's)")
+    p.add_argument("--judge", default=None, help="a registered judge: classifier, keyword, hf, ... (default: the config's)")
     p.add_argument("--out", required=True, help="metrics JSON file; samples go to a folder beside it")
     p.set_defaults(func=_evaluate)
 
@@ -72,9 +76,13 @@ def _print(obj: dict) -> None:
 def _align(args) -> int:
     from nlsr import training
     cfg = _load(args)
-    out = Path(args.out)
+    out = check_out_folder(args.out, "align", args.force)
+    if args.force and out.is_dir() and written_by(out) != "align":
+        import shutil
+        shutil.rmtree(out)  # --force: the user asked to replace this folder (w0/ and aligned/ replace their own)
     sft = training.safety_sft(cfg, _base(args.base, cfg), out / "w0")
     pref = training.preference_align(cfg, out / "w0", out / "aligned")
+    mark_out_folder(out, "align")
     _print({"w0": str(out / "w0"), "aligned": str(out / "aligned"), "aligned_base": pref["base"],
             "method": cfg.alignment.method, "sft_wall_s": sft["wall_s"], "sft_train_loss": sft.get("train_loss"),
             "preference_wall_s": pref["wall_s"], "preference_train_loss": pref.get("train_loss")})
@@ -84,7 +92,9 @@ def _align(args) -> int:
 def _finetune(args) -> int:
     from nlsr import training
     cfg = _load(args)
+    check_out_folder(args.out, "finetune", args.force)
     result = training.finetune(cfg, _base(args.base, cfg), _adapter(args.adapter), Path(args.mix), Path(args.out))
+    mark_out_folder(args.out, "finetune")
     _print({"adapter": args.out, **result})
     return 0
 
@@ -98,7 +108,7 @@ def _evaluate(args) -> int:
     if args.judge:
         extra.append(f"evaluation.judge={args.judge}")
     cfg = _load(args, extra)  # validation names a bad task or judge
-    out = Path(args.out)
+    out = check_out_file(args.out, "evaluate")
     metrics = evaluation.evaluate(cfg, _base(args.base, cfg), _adapter(args.adapter),
                                   out.with_name(out.stem + ".samples"))
     write_json(metrics, out)

@@ -21,12 +21,11 @@ def store_rows(root: str | Path) -> list[dict]:
 def mlflow_rows(root: str | Path, experiment: str, uri: str | None = None) -> list[dict]:
     """Rows of the cell runs of one MLflow experiment: read from the store when the run's report artifact is
     there (tag nlsr.key.report), else rebuilt from the run's metrics and tags."""
-    from mlflow.tracking import MlflowClient
-
     from tasks.tracking import check_server
+    from tasks.tracking import client as mlflow_client
     uri = uri or _default_uri(root)
     check_server(uri)
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = [e.name for e in client.search_experiments()]

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from nlsr.env import OFFLINE_DEFAULTS
 
+from .lifeline import watch
+
 PG_BIN_DIRS = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/usr/local/pgsql/bin")
 
 
@@ -55,6 +57,7 @@ class Service:
         self._fh = open(log, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                      start_new_session=True)
+        watch(self.proc.pid, group=True)  # the service dies with us, even after kill -9 (flows/lifeline.py)
 
     def tail(self, n: int = 40) -> str:
         try:

@@ -25,7 +25,8 @@ import torch
 from .atomic import write_json
 from .config import AntidoteConfig, ExperimentConfig
 from .errors import NLSRError
-from .modeling import adapter_weights, load_adapter, load_model, load_tokenizer, resolve_device, save_adapter_weights
+from .modeling import (adapter_weights, check_recorded_base, load_adapter, load_model, load_tokenizer, resolve_device,
+                       save_adapter_weights)
 from .realign import REPORT_NAME
 from .reference import factor_keys, lora_modules
 
@@ -124,6 +125,7 @@ def antidote(base: Path, finetuned: Path, rows: list[dict], cfg: AntidoteConfig,
     pruned = total = 0
     activations: dict[str, torch.Tensor] = {}
     if cfg.density > 0:  # d = 0 prunes nothing: skip the forward passes, the copy is bit-identical
+        check_recorded_base(base, finetuned)  # same shapes, other weights (raw base for W0) would run silently
         dev = resolve_device(device)
         tok = load_tokenizer(base)
         model = load_adapter(load_model(base, dtype, str(dev)), finetuned).eval()

@@ -5,6 +5,10 @@ work has one folder, whoever asks for it. A stage is written into a temporary fo
 only then marked finished by a `_SUCCESS` file (config, package versions, timings, metrics). A folder without
 `_SUCCESS` does not exist: readers ignore it and the next writer deletes it.
 
+Before a finished artifact is reused, its files are checked against the sizes and hashes recorded in `_SUCCESS`
+(`nlsr.integrity`); a damaged artifact is moved aside to `<root>/<stage>/.damaged-<key>-<time>/` (never deleted:
+it may be evidence) and computed again, with one warning naming it.
+
 Two processes on one host (or on a shared file system with working `fcntl` locks) never compute the same key
 twice: `run` holds a file lock on the key while it checks, computes and publishes. Every hit and every
 computation is appended to `<root>/_events.jsonl`, which is how tests and users check what was recomputed.
@@ -14,6 +18,7 @@ Pure library code: no Prefect, no MLflow.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -30,11 +35,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from .atomic import write_json
 from .config import stable_hash
 from .errors import NLSRError
+from .integrity import damage, manifest
+
+log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
 EVENTS = "_events.jsonl"
 LOCKS = ".locks"
 TMP_PREFIX = ".tmp-"
+DAMAGED_PREFIX = ".damaged-"
 # Packages whose versions go into every _SUCCESS file (the ones that can change a stage's output).
 TRACKED_PACKAGES = ("nlsr", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "safetensors")
 
@@ -80,6 +89,8 @@ class ArtifactStore:
     """`<root>/<stage>/<key>/` folders, published atomically and marked by `_SUCCESS`."""
 
     def __init__(self, root: str | Path):
+        if not str(root).strip():  # Path("") is the current folder: never scatter a store there by accident
+            raise ArtifactError("artifact root is empty; expected a folder such as 'runs'")
         self.root = Path(root).expanduser().resolve()
 
     # ---------------------------------------------------------------------------------------- lookups
@@ -104,7 +115,7 @@ class ArtifactStore:
         folder = self.root / stage
         if not folder.is_dir():
             return []
-        done = [p for p in folder.iterdir() if (p / SUCCESS).is_file()]
+        done = [p for p in folder.iterdir() if not p.name.startswith(".") and (p / SUCCESS).is_file()]
         return [p.name for p in sorted(done, key=lambda p: (p / SUCCESS).stat().st_mtime)]
 
     def events(self) -> list[dict]:
@@ -129,15 +140,39 @@ class ArtifactStore:
         whose output is one file; otherwise the path is the folder itself) and returns a metrics dict.
         `meta` (the stage config, input keys...) is recorded in `_SUCCESS`.
         """
-        if self.done(stage, key):
+        if self.done(stage, key) and not self.damage(stage, key):
             self._event("hit", stage, key)
             return self.ref(stage, key)
         with self.lock(stage, key):
-            if self.done(stage, key):  # another process finished while we waited for the lock
-                self._event("hit", stage, key)
-                return self.ref(stage, key)
+            if self.done(stage, key):  # another process finished while we waited, or the artifact is damaged
+                problems = self.damage(stage, key)
+                if not problems:
+                    self._event("hit", stage, key)
+                    return self.ref(stage, key)
+                self.quarantine(stage, key, problems)
             self.clean(stage, key)
             return self._compute(stage, key, fn, meta or {}, output)
+
+    def damage(self, stage: str, key: str, full: bool | None = None) -> list[str]:
+        """What is wrong with a finished artifact (empty: intact): files missing, resized or changed since
+        `_SUCCESS` recorded them. Sizes always; hashes of small files, of all with `full` / NLSR_VERIFY=full."""
+        try:
+            recorded = self.meta(stage, key).get("files")
+        except (ValueError, OSError) as err:  # a garbled or unreadable _SUCCESS
+            return [f"{SUCCESS} is unreadable ({err})"]
+        if recorded is None:  # written before manifests existed: nothing to compare with
+            return []
+        return damage(self.path(stage, key), recorded, full)
+
+    def quarantine(self, stage: str, key: str, problems: list[str]) -> Path:
+        """Move a damaged artifact aside (call with the key's lock held); one warning line names it."""
+        folder = self.path(stage, key)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        aside = folder.parent / f"{DAMAGED_PREFIX}{key}-{stamp}-{uuid.uuid4().hex[:6]}"
+        folder.rename(aside)
+        log.warning("damaged artifact %s (%s): moved to %s, recomputing", folder, "; ".join(problems), aside)
+        self._event("damaged", stage, key, problems=problems, moved_to=str(aside))
+        return aside
 
     def _compute(self, stage: str, key: str, fn, meta: dict, output: str | None) -> Ref:
         final = self.path(stage, key)
@@ -164,7 +199,7 @@ class ArtifactStore:
         work.rename(final)
         shutil.rmtree(tmp, ignore_errors=True)
         metrics = _relocate(metrics, str(work), str(final))
-        record = {"stage": stage, "key": key, **meta, "metrics": _jsonable(metrics),
+        record = {"stage": stage, "key": key, **meta, "metrics": _jsonable(metrics), "files": manifest(final),
                   "versions": package_versions(),
                   "timings": {"started": started, "finished": _now(), "wall_s": round(wall, 3)},
                   "host": socket.gethostname(), "pid": os.getpid(), "run_uid": uuid.uuid4().hex}

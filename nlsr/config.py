@@ -8,16 +8,19 @@ from .errors import NLSRError
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .defenses.config import DefensesConfig
 from .methods import ALIGNMENT, FINETUNE_DEFENSES, REALIGNERS, SCORERS
 
 TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TASKS = ("sst2", "agnews", "gsm8k")
+DEVICE_PATTERN = r"auto|cpu|mps|(cuda|xpu)(:\d+)?"
 
 
 class ConfigError(NLSRError):
@@ -51,8 +54,16 @@ class ModelConfig(Strict):
     source: Literal["embedded", "local", "tiny"] = "embedded"
     path: str | None = Field(None, description="Hugging Face model folder; required when source is 'local'")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps', "
+                                            "'xpu:0'")
     tiny: TinyModel = TinyModel()
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if not re.fullmatch(DEVICE_PATTERN, v):
+            raise ValueError("unknown device; expected 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or 'xpu:N'")
+        return v
 
     @model_validator(mode="after")
     def _path_for_local(self):
@@ -235,8 +246,9 @@ class RealignConfig(Strict):
 
 
 class EvaluationConfig(Strict):
-    judge: Literal["classifier", "keyword", "hf"] = "classifier"
-    judge_path: str | None = Field(None, description="local moderation model folder for judge 'hf'")
+    judge: str = Field("classifier", description="a registered judge (nlsr.judges.judge_names(): classifier, "
+                       "keyword, hf, ...); its identity (name + weights hash) is part of the evaluation's key")
+    judge_path: str | None = Field(None, description="local model folder for judges that need one (e.g. 'hf')")
     harmful_set: Literal["harmful_eval", "harmful_dev", "advbench", "harmbench"] = "harmful_eval"
     harmful_limit: int = Field(100, ge=1)
     task_limit: int = Field(100, ge=1)
@@ -246,11 +258,24 @@ class EvaluationConfig(Strict):
     batch_size: int = Field(16, ge=1)
     extra_harmful_sets: list[Literal["advbench", "harmbench"]] = Field(default_factory=list)
 
+    @field_validator("judge")
+    @classmethod
+    def _registered_judge(cls, name: str) -> str:
+        # The registry is light (no torch); the judge itself is built only when an evaluation runs.
+        from .judges.registry import JudgeError, judge_spec
+        try:
+            judge_spec(name)
+        except JudgeError as err:
+            raise ValueError(str(err)) from None
+        return name
+
     @model_validator(mode="after")
-    def _path_for_hf(self):
-        if self.judge == "hf" and not self.judge_path:
-            raise ValueError("evaluation.judge_path is required when evaluation.judge is 'hf' (a local "
-                             "BeaverDam-7B or Llama-Guard folder)")
+    def _judge_path(self):
+        from .judges.registry import JudgeError, check_judge
+        try:
+            check_judge(self.judge, self.judge_path)
+        except JudgeError as err:
+            raise ValueError(str(err)) from None
         return self
 
 
@@ -262,7 +287,7 @@ class TrackingConfig(Strict):
 class ExperimentConfig(Strict):
     name: str = "default"
     seed: int = 0
-    artifact_root: str = "runs"
+    artifact_root: str = Field("runs", description="folder of the artifact store (and, by default, mlflow.db)")
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
     data: DataConfig = DataConfig()
@@ -272,6 +297,7 @@ class ExperimentConfig(Strict):
     scoring: ScoringConfig = ScoringConfig()
     realign: RealignConfig = RealignConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    defenses: DefensesConfig = DefensesConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
@@ -285,6 +311,13 @@ class ExperimentConfig(Strict):
             raise ValueError(f"realign.unaligned.source ({self.realign.unaligned.source}) must differ from "
                              f"data.poison_source: the unaligned model's rows must be disjoint from the mix")
         return self
+
+    @field_validator("artifact_root")
+    @classmethod
+    def _root_not_empty(cls, v: str) -> str:
+        if not v.strip():  # "" would put the store, mlflow.db and Prefect's files in the current folder
+            raise ValueError("artifact_root is empty; expected a folder such as 'runs'")
+        return v
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -358,9 +391,12 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:  # an empty file must not silently run the built-in defaults
+        raise ConfigError(f"config file {path} is empty; expected a mapping of settings (see configs/smoke.yaml), "
+                          "or no config argument for the built-in defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(data).__name__}")
     return data

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import ExperimentConfig
+from .judges.registry import judge_identity
 from .methods import ALIGNMENT, FINETUNE_DEFENSES, REALIGNERS
 
 MIX_FILE = "mix.jsonl"
@@ -90,12 +91,19 @@ def _score(cfg, method=None):
         return {"dtype": cfg.model.dtype, "template": cfg.data.template,
                 "scoring": sc.model_dump(exclude={"calibration_pool", "calibration_max_new_tokens", *exclude})}
     return {"dtype": cfg.model.dtype, "template": cfg.data.template, "scoring": sc.model_dump(exclude=exclude),
-            "judge": {"name": ev.judge, "path": ev.judge_path, "batch_size": ev.batch_size}}
+            "judge": {"name": ev.judge, "path": ev.judge_path, "batch_size": ev.batch_size,
+                      "identity": judge_identity(ev.judge, ev.judge_path)}}
 
 
 def _finetune(cfg, method=None):
     ft = cfg.finetune.plain() if method is None else cfg.finetune.settings(method)
-    return {**_common(cfg), "lora": cfg.lora.model_dump(), "finetune": ft}
+    out = {**_common(cfg), "lora": cfg.lora.model_dump(), "finetune": ft}
+    section = FINETUNE_DEFENSES.meta(method).get("section") if method else None
+    if section:  # the defense's own knobs (defenses.<section>); a knob-less section adds nothing to the key
+        settings = getattr(cfg.defenses, section).model_dump()
+        if settings:
+            out["defense_settings"] = settings
+    return out
 
 
 def _unalign(cfg, method=None):
@@ -107,7 +115,9 @@ def _realign(cfg, method=None):
 
 
 def _evaluate(cfg, method=None):
-    return {**_common(cfg), "task": cfg.data.task, "evaluation": cfg.evaluation.model_dump()}
+    # The judge's identity (name + weights hash): new judge weights -> new evaluations.
+    return {**_common(cfg), "task": cfg.data.task, "evaluation": cfg.evaluation.model_dump(),
+            "judge_identity": judge_identity(cfg.evaluation.judge, cfg.evaluation.judge_path)}
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
@@ -119,7 +129,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("reference", 1, _reference, ("reference",), doc="the safety reference adapter (pre-amplified)"),
     Stage("score", 1, _score, ("model.dtype", "data.template", "scoring", "evaluation.judge"), output=MASKS_FILE,
           doc="safety-critical neuron masks"),
-    Stage("finetune", 1, _finetune, ("seed", "model.dtype", "data.template", "lora", "finetune"),
+    Stage("finetune", 1, _finetune, ("seed", "model.dtype", "data.template", "lora", "finetune", "defenses"),
           doc="the (harmfully) fine-tuned adapter ΔW_t; finetune:<d> under a fine-tuning-stage defense"),
     Stage("unalign", 1, _unalign, ("seed", "model.dtype", "data.template", "lora", "realign.unaligned"),
           doc="RESTA's unaligned adapter: ΔW_a continued on harmful-only rows"),

@@ -174,7 +174,9 @@ def evaluate(cfg: ExperimentConfig, base: Path, adapter: Path | None, out: Path,
     t2 = time.time()
     task, task_samples = _task(model, tok, cfg)
     t3 = time.time()
+    identity = getattr(judge, "identity", None)
     metrics = {**harm, **task, "judge": getattr(judge, "name", cfg.evaluation.judge),
+               "judge_identity": identity() if callable(identity) else None,
                "samples": "samples.jsonl", "harmful_wall_s": round(t2 - t1, 2),
                "task_wall_s": round(t3 - t2, 2), "wall_s": round(time.time() - t0, 2)}
     with atomic_dir(out, overwrite=True) as tmp:

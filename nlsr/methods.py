@@ -9,8 +9,8 @@ Metadata each family reads:
 - ALIGNMENT: `raw_base` (the aligned adapter sits on the raw base, not W0: method 'sft').
   Target: `builder(model, tokenizer, cfg, workdir) -> trl trainer` (a fresh LoRA on W0).
 - FINETUNE_DEFENSES: `inputs` (finetune parameter → DAG step label, see `nlsr.dag`; 'base' is the raw model,
-  'wbase' the base the aligned adapter sits on) and `settings` (FinetuneConfig fields the defense reads; they
-  are left out of the plain fine-tuning key). Target: `fn(cfg, base, adapter, mix_file, out) -> metrics`.
+  'wbase' the base the aligned adapter sits on), `settings` (FinetuneConfig fields the defense reads; they
+  are left out of the plain fine-tuning key) and `section` (its part of the `defenses:` config section, in its key). Target: `fn(cfg, base, adapter, mix_file, out) -> metrics`.
 - SCORERS: `calibration` (whether the scorer reads calibration samples).
   Target: `fn(peft_model, samples, cfg: ScoringConfig, device) -> ({weight key: score}, granularity)`.
 - REALIGNERS: `inputs` (realigner input → DAG step label, or None: passed as None and kept in the key) and
@@ -37,8 +37,13 @@ ALIGNMENT.add("simpo", "nlsr.training:simpo_trainer")
 ALIGNMENT.add("sft", None, raw_base=True)  # Table 2's SFT row: the SFT LoRA itself, on the raw base
 
 # ---- fine-tuning-stage defenses (each produces its own fine-tuned adapter, a variant of the cell)
-FINETUNE_DEFENSES.add("non-aligned", "nlsr.training:finetune",  # spec §1: ATTACK from a fresh LoRA on M_raw
-                      inputs={"base": "base", "adapter": None, "mix": "poison"}, settings=())
+FINETUNE_DEFENSES.add("non-aligned", "nlsr.defenses.non_aligned:finetune",  # spec §1: ATTACK, fresh LoRA on M_raw
+                      inputs={"base": "base", "adapter": None, "mix": "poison"}, settings=(), section="non_aligned")
+FINETUNE_DEFENSES.add("vlguard", "nlsr.defenses.vlguard:finetune", settings=(), section="vlguard")
+FINETUNE_DEFENSES.add("lisa", "nlsr.defenses.lisa:finetune", settings=(), section="lisa")
+FINETUNE_DEFENSES.add("constrained-sft", "nlsr.defenses.constrained_sft:finetune", settings=(),
+                      section="constrained_sft")
+# Vaccine (nlsr.defenses.vaccine) acts at the alignment stage (it replaces ΔW_a): not a member of this family.
 
 # ---- neuron scorers (safety-critical neuron masks)
 SCORERS.add("lowrank", "nlsr.scoring:lowrank_scores", calibration=True)

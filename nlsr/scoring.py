@@ -33,6 +33,7 @@ from .atomic import write_json
 from .config import ScoringConfig
 from .data import format_prompt
 from .errors import NLSRError
+from .integrity import check_finite
 from .methods import SCORERS
 from .modeling import load_adapter, load_model, load_tokenizer
 
@@ -331,6 +332,7 @@ def keep_mask(score: torch.Tensor, sparsity: float, granularity: str) -> torch.T
 def save_masks(masks: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> Path:
     from safetensors.torch import save_file
     out = Path(out)
+    check_finite(masks, f"masks for {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
     save_file({k: v.contiguous() for k, v in masks.items()}, str(tmp), metadata=metadata)
@@ -348,6 +350,7 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
         masks = load_file(str(path))
     except Exception as err:  # safetensors raises its own error types on a corrupt header
         raise ScoringError(f"{path} is not a safetensors mask file: {err}") from None
+    check_finite(masks, path)
     bad = [k for k, v in masks.items() if v.dtype != torch.bool]
     if bad:
         raise ScoringError(f"{path}: mask {bad[0]} is {masks[bad[0]].dtype}, expected bool")

@@ -14,12 +14,15 @@ import math
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import data, modeling
 from .atomic import atomic_dir
 from .config import ExperimentConfig, TrainConfig
 from .errors import NLSRError
+from .integrity import check_finite
 from .methods import ALIGNMENT
 
 SFT_ADAPTER = "sft_adapter"   # inside the W0 folder: the safety-SFT LoRA before merging
@@ -28,6 +31,16 @@ W0_INFO = "nlsr_w0.json"      # inside the W0 folder: which raw base it was merg
 
 class TrainingError(NLSRError):
     """A training stage cannot run with the given inputs; the message names the field or file."""
+
+
+@dataclass(frozen=True)
+class TrainerPlug:
+    """How a training-stage defense changes a stage (nlsr/defenses): its trl trainer subclass, extra constructor
+    arguments, and trl config fields that override the stage's. The trainer may define `defense_summary()`, a
+    JSON-able dict that the stage returns under "defense_summary"."""
+    trainer_cls: type | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- trainer plumbing
@@ -75,13 +88,16 @@ def _check_room(tok, prompts: list[str], tc: TrainConfig, what: str) -> None:
 
 
 def _sft_trainer(model, tok, rows: list[dict], tc: TrainConfig, cfg: ExperimentConfig, workdir: str,
-                 peft_config=None):
-    """SFTTrainer on {prompt, completion} rows: EOS appended, labels -100 on the prompt (completion_only_loss)."""
+                 peft_config=None, plug: TrainerPlug | None = None):
+    """SFTTrainer on {prompt, completion} rows: EOS appended, labels -100 on the prompt (completion_only_loss).
+    `plug` swaps in a defense's SFTTrainer subclass."""
     from trl import SFTConfig, SFTTrainer
+    plug = plug or TrainerPlug()
     _check_room(tok, [r["prompt"] for r in rows], tc, "SFT")
-    args = SFTConfig(**_common_args(tc, cfg, workdir), completion_only_loss=True, dataset_num_proc=None)
-    return SFTTrainer(model=model, args=args, train_dataset=_dataset(rows, "SFT"), processing_class=tok,
-                      peft_config=peft_config)
+    args = SFTConfig(**{**_common_args(tc, cfg, workdir), **plug.args}, completion_only_loss=True,
+                     dataset_num_proc=None)
+    return (plug.trainer_cls or SFTTrainer)(model=model, args=args, train_dataset=_dataset(rows, "SFT"),
+                                            processing_class=tok, peft_config=peft_config, **plug.kwargs)
 
 
 def _preference_rows(method: str, tok, cfg: ExperimentConfig):
@@ -91,53 +107,69 @@ def _preference_rows(method: str, tok, cfg: ExperimentConfig):
     return _dataset(rows, f"{method} preference")
 
 
-# The alignment builders (nlsr.methods.ALIGNMENT): the trl trainer of one method, with a fresh LoRA on `model` (W0).
+def _no_trainer_swap(method: str, plug: TrainerPlug | None) -> TrainerPlug:
+    """The plug, checked: only DPO takes a defense's trainer subclass (Vaccine); its `args` apply to every method."""
+    plug = plug or TrainerPlug()
+    if plug.trainer_cls is not None and method != "dpo":
+        raise TrainingError(f"alignment.method {method!r} cannot take a defense's trainer; only 'dpo' can")
+    return plug
 
-def kto_trainer(model, tok, cfg: ExperimentConfig, workdir: str):
+
+# The alignment builders (nlsr.methods.ALIGNMENT): the trl trainer of one method, with a fresh LoRA on `model` (W0).
+# `plug` swaps in a defense's subclass of the method's trainer (Vaccine: of DPOTrainer) and adds trainer args.
+
+def kto_trainer(model, tok, cfg: ExperimentConfig, workdir: str, plug: TrainerPlug | None = None):
     from trl import KTOConfig, KTOTrainer
+    plug = _no_trainer_swap("kto", plug)
     pc = cfg.alignment.preference
     rows = data.kto_set(pc.n_samples, cfg.data.template, tok)
     _check_room(tok, [r["prompt"] for r in rows], pc, "KTO")
-    args = KTOConfig(**_common_args(pc, cfg, workdir), beta=pc.beta)
+    args = KTOConfig(**{**_common_args(pc, cfg, workdir), **plug.args}, beta=pc.beta)
     # reference = the adapter-disabled model (W0): exactly the paper's reference policy
     return KTOTrainer(model=model, args=args, train_dataset=_dataset(rows, "KTO"), processing_class=tok,
                       peft_config=_fresh_lora(model, cfg))
 
 
-def dpo_trainer(model, tok, cfg: ExperimentConfig, workdir: str):
+def dpo_trainer(model, tok, cfg: ExperimentConfig, workdir: str, plug: TrainerPlug | None = None):
     from trl import DPOConfig, DPOTrainer
+    plug = _no_trainer_swap("dpo", plug)
     pc = cfg.alignment.preference
     peft_config = _fresh_lora(model, cfg)
     # Reference log-probs are computed on the fly with the adapter disabled: precomputing them costs the same
     # forward passes over the whole set, more than the steps we train when max_steps < one epoch.
-    args = DPOConfig(**_common_args(pc, cfg, workdir), beta=pc.beta, loss_type=["sigmoid"])
-    return DPOTrainer(model=model, args=args, train_dataset=_preference_rows("dpo", tok, cfg), processing_class=tok,
-                      peft_config=peft_config)
+    args = DPOConfig(**{**_common_args(pc, cfg, workdir), **plug.args}, beta=pc.beta, loss_type=["sigmoid"])
+    return (plug.trainer_cls or DPOTrainer)(model=model, args=args, train_dataset=_preference_rows("dpo", tok, cfg),
+                                            processing_class=tok, peft_config=peft_config, **plug.kwargs)
 
 
-def orpo_trainer(model, tok, cfg: ExperimentConfig, workdir: str):
+def orpo_trainer(model, tok, cfg: ExperimentConfig, workdir: str, plug: TrainerPlug | None = None):
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    plug = _no_trainer_swap("orpo", plug)
     pc = cfg.alignment.preference
     peft_config = _fresh_lora(model, cfg)
-    args = ORPOConfig(**_common_args(pc, cfg, workdir), beta=pc.beta, remove_unused_columns=False)  # ORPO's lambda
+    args = ORPOConfig(**{**_common_args(pc, cfg, workdir), **plug.args}, beta=pc.beta,  # beta is ORPO's lambda
+                      remove_unused_columns=False)
     return ORPOTrainer(model=model, args=args, train_dataset=_preference_rows("orpo", tok, cfg), processing_class=tok,
                        peft_config=peft_config)
 
 
-def simpo_trainer(model, tok, cfg: ExperimentConfig, workdir: str):
+def simpo_trainer(model, tok, cfg: ExperimentConfig, workdir: str, plug: TrainerPlug | None = None):
     from trl.experimental.cpo import CPOConfig, CPOTrainer
+    plug = _no_trainer_swap("simpo", plug)
     pc = cfg.alignment.preference
     peft_config = _fresh_lora(model, cfg)
     # SimPO = CPO's simpo loss without the NLL term (cpo_alpha 0): reference-free, length-normalised
-    args = CPOConfig(**_common_args(pc, cfg, workdir), beta=pc.beta, loss_type="simpo", cpo_alpha=0.0,
-                     simpo_gamma=pc.simpo_gamma, remove_unused_columns=False)
+    args = CPOConfig(**{**_common_args(pc, cfg, workdir), **plug.args}, beta=pc.beta, loss_type="simpo",
+                     cpo_alpha=0.0, simpo_gamma=pc.simpo_gamma, remove_unused_columns=False)
     return CPOTrainer(model=model, args=args, train_dataset=_preference_rows("simpo", tok, cfg), processing_class=tok,
                       peft_config=peft_config)
 
 
-def _preference_trainer(method: str, model, tok, cfg: ExperimentConfig, workdir: str):
-    """The trl trainer of one preference method (its ALIGNMENT builder), with a fresh LoRA on `model` (W0)."""
-    return ALIGNMENT.get(method)(model, tok, cfg, workdir)
+def _preference_trainer(method: str, model, tok, cfg: ExperimentConfig, workdir: str,
+                        plug: TrainerPlug | None = None):
+    """The trl trainer of one preference method (its ALIGNMENT builder), with a fresh LoRA on `model` (W0). `plug`
+    swaps in a defense's subclass of that method's trainer (Vaccine: of DPOTrainer)."""
+    return ALIGNMENT.get(method)(model, tok, cfg, workdir, plug)
 
 
 def _numbers(entry: dict) -> dict:
@@ -154,8 +186,11 @@ def _run(trainer, n_rows: int, tc: TrainConfig, what: str) -> dict:
     logs = trainer.state.log_history
     losses = [[int(e["step"]), float(e["loss"])] for e in logs if "loss" in e and "step" in e]
     last = next((e for e in reversed(logs) if "loss" in e), {})
-    return {"losses": losses, "train_loss": float(out.training_loss), "steps": int(trainer.state.global_step),
-            "final": _numbers(last)}
+    result = {"losses": losses, "train_loss": float(out.training_loss), "steps": int(trainer.state.global_step),
+              "final": _numbers(last)}
+    if hasattr(trainer, "defense_summary"):
+        result["defense_summary"] = trainer.defense_summary()
+    return result
 
 
 def _load(folder: Path, cfg: ExperimentConfig):
@@ -185,6 +220,7 @@ def safety_sft(cfg: ExperimentConfig, base: Path, out: Path) -> dict:
         modeling.save_adapter(peft_model, tmp / SFT_ADAPTER, extra={"stage": "safety_sft", "base": str(base)})
         # merge in memory (the adapter is saved above): same result as modeling.merge_to_folder, one load less
         merged = peft_model.merge_and_unload()
+        check_finite(dict(merged.named_parameters()), f"merged W0 for {out}")
         merged.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / W0_INFO).write_text(json.dumps({"raw_base": str(base), "n_rows": len(rows)}, indent=2))
@@ -204,7 +240,8 @@ def aligned_base(cfg: ExperimentConfig, w0: Path) -> Path:
     return raw_base_of(w0) if ALIGNMENT.meta(cfg.alignment.method).get("raw_base") else Path(w0)
 
 
-def preference_align(cfg: ExperimentConfig, w0: Path, out: Path) -> dict:
+def preference_align(cfg: ExperimentConfig, w0: Path, out: Path, plug: TrainerPlug | None = None,
+                     extra: dict | None = None) -> dict:
     """Train the aligned adapter ΔW_a with cfg.alignment.method on top of W0; `out` = the adapter folder.
 
     Method 'sft' (Table 2's SFT row) trains nothing: the aligned adapter is a copy of the SFT LoRA, applied on the
@@ -219,10 +256,10 @@ def preference_align(cfg: ExperimentConfig, w0: Path, out: Path) -> dict:
     model, tok = _load(w0, cfg)
     modeling.set_seed(cfg.seed)
     with tempfile.TemporaryDirectory(prefix=f"nlsr-{method}-") as work:
-        trainer = _preference_trainer(method, model, tok, cfg, work)
+        trainer = _preference_trainer(method, model, tok, cfg, work, plug)
         result = _run(trainer, cfg.alignment.preference.n_samples or 0, cfg.alignment.preference, method)
     modeling.save_adapter(trainer.model, out, extra={"stage": "preference_align", "method": method,
-                                                     "base": str(w0)})
+                                                     "base": str(w0), **(extra or {})})
     return {**result, "method": method, "base": str(w0), "n_rows": len(trainer.train_dataset),
             "wall_s": round(time.time() - t0, 2)}
 
@@ -234,14 +271,16 @@ def _copy_sft_adapter(w0: Path, out: Path, t0: float) -> dict:
     with atomic_dir(out, overwrite=True) as tmp:
         for f in ("adapter_config.json", "adapter_model.safetensors"):
             shutil.copy2(src / f, tmp / f)
-        (tmp / "nlsr_adapter.json").write_text(json.dumps(
-            {"stage": "preference_align", "method": "sft", "base": str(raw)}, indent=2))
+        (tmp / modeling.ADAPTER_INFO).write_text(json.dumps(modeling.with_base_fingerprint(
+            {"stage": "preference_align", "method": "sft", "base": str(raw)}), indent=2))
     return {"method": "sft", "base": str(raw), "losses": [], "steps": 0, "wall_s": round(time.time() - t0, 2)}
 
 
-def finetune(cfg: ExperimentConfig, base: Path, adapter: Path | None, mix_file: Path, out: Path) -> dict:
+def finetune(cfg: ExperimentConfig, base: Path, adapter: Path | None, mix_file: Path, out: Path,
+             plug: TrainerPlug | None = None, extra: dict | None = None) -> dict:
     """Harmful fine-tuning on the poisoned mix: keep training `adapter` (ΔW_t starts at ΔW_a, same basis);
-    adapter None = a fresh LoRA on `base` (the 'Non-Aligned' baseline). `out` = the fine-tuned adapter."""
+    adapter None = a fresh LoRA on `base` (the 'Non-Aligned' baseline). `out` = the fine-tuned adapter.
+    `plug` = a fine-tuning-stage defense's trainer; `extra` is recorded in out/nlsr_adapter.json."""
     t0 = time.time()
     rows = data.read_jsonl(mix_file, required=("instruction", "output"))
     model, tok = _load(base, cfg)
@@ -253,11 +292,11 @@ def finetune(cfg: ExperimentConfig, base: Path, adapter: Path | None, mix_file: 
     else:
         model = modeling.load_adapter(model, adapter, trainable=True)  # checks the adapter fits this base
     with tempfile.TemporaryDirectory(prefix="nlsr-finetune-") as work:
-        trainer = _sft_trainer(model, tok, pc_rows, cfg.finetune, cfg, work, peft_config=peft_config)
+        trainer = _sft_trainer(model, tok, pc_rows, cfg.finetune, cfg, work, peft_config=peft_config, plug=plug)
         result = _run(trainer, len(rows), cfg.finetune, "fine-tuning")
     n_unsafe = sum(r.get("flag") == "unsafe" for r in rows)
     modeling.save_adapter(trainer.model, out, extra={
         "stage": "finetune", "base": str(base), "continued_from": None if adapter is None else str(adapter),
-        "mix": str(mix_file)})
+        "mix": str(mix_file), **(extra or {})})
     return {**result, "n_rows": len(rows), "n_unsafe": n_unsafe, "base": str(base),
             "continued_from": None if adapter is None else str(adapter), "wall_s": round(time.time() - t0, 2)}

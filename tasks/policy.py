@@ -1,29 +1,24 @@
-"""Prefect cache policy keyed on the artifact store, retry rules, and the failure-injection testing hook.
+"""How stage tasks cache, retry, and the failure-injection testing hook.
 
-Caching, two layers that agree:
-- the artifact store (`nlsr.artifacts`) is the truth: a stage whose `_SUCCESS` exists is never recomputed, even
-  when Prefect's result storage is wiped;
-- Prefect's cache uses the same key (`StageCache`, no RUN_ID, no task source), so a rerun shows finished stages
-  as `Cached` in the UI without even entering the task body. Cache records live under
-  `<artifact_root>/.prefect/`; a record whose artifact has disappeared (someone deleted the folder) is dropped
-  before Prefect can use it, so Prefect never returns a reference to a missing folder.
+Caching: the artifact store (`nlsr.artifacts`) is the only cache. A stage whose `_SUCCESS` exists and whose files
+still match their recorded sizes and hashes is never recomputed. Prefect keeps no cache records and persists no
+task results: a persisted result is a pickle in shared storage (in the compose stack, the volume every worker
+reads), and unpickling a planted file runs its code; a Prefect cache hit would also skip the integrity check.
+A reused stage shows as `Completed` in the Prefect UI, and its log line says "reused (artifact store hit)".
 
-Locking: two concurrent cells asking for the same key both enter the task (Prefect's default READ_COMMITTED),
-but the body runs `ArtifactStore.run`, which holds a file lock on the key: the second waits, then finds
-`_SUCCESS` and returns at once. We do not use Prefect's SERIALIZABLE isolation + FileSystemLockManager: it
-would guard the Prefect cache record only, not callers outside Prefect (the `nlsr` stage commands, notebooks),
-and its lock files would have to share a folder with Prefect's result storage anyway.
+Locking: two concurrent cells asking for the same key both enter the task, but the body runs `ArtifactStore.run`,
+which holds a file lock on the key: the second waits, then finds `_SUCCESS` and returns at once. The lock guards
+every caller, in Prefect or not (the `nlsr` stage commands, notebooks).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect.cache_policies import CachePolicy
+from prefect.cache_policies import NO_CACHE
 
-from nlsr.artifacts import ArtifactStore, Ref
+from nlsr.artifacts import Ref
 from nlsr.config import ExperimentConfig
 from nlsr.errors import NLSRError
 
@@ -34,10 +29,6 @@ FAIL_ENV = "NLSR_FAIL_STAGE"
 
 class InjectedFailure(RuntimeError):
     """Raised by a stage named in NLSR_FAIL_STAGE (testing hook for resume); never retried."""
-
-
-def prefect_dir(root: str | Path) -> Path:
-    return ArtifactStore(root).root / ".prefect"
 
 
 def stage_inputs(params: dict[str, Any]) -> dict[str, str | None]:
@@ -59,25 +50,10 @@ def call_key(stage: str, params: dict[str, Any]) -> str:
     return key_for(stage, cfg, stage_inputs(params), params.get("method"))
 
 
-@dataclass
-class StageCache(CachePolicy):
-    """Cache key = `<stage>-<artifact key>`; drops a record whose artifact folder is gone."""
-    stage: str = ""
-
-    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kw) -> str | None:
-        key = call_key(self.stage, inputs)
-        cache_key = f"{self.stage}-{key}"
-        store = ArtifactStore(inputs["cfg"].artifact_root)
-        if not store.done(self.stage, key) and self.key_storage is not None:
-            (Path(self.key_storage) / cache_key).unlink(missing_ok=True)
-        return cache_key
-
-
 def bind(task, stage: str, root: str | Path):
-    """The task with its cache records and results stored under this artifact root."""
-    records = prefect_dir(root)
-    policy = StageCache(stage=stage).configure(key_storage=records / "cache-keys")
-    return task.with_options(cache_policy=policy, result_storage=records / "results", persist_result=True)
+    """The task as the cell runs it: no Prefect cache, no persisted (pickled) result; `stage` and `root` are
+    kept for callers (the artifact store under `root` is the cache)."""
+    return task.with_options(cache_policy=NO_CACHE, persist_result=False)
 
 
 # --------------------------------------------------------------------------------------------- retries

@@ -2,7 +2,8 @@
 return a small `Ref` (stage, key, path, metrics). No tensors cross a task boundary.
 
 Every task:
-- is cached by Prefect on its artifact key (`policy.StageCache`; bind a root with `policy.bind` / `bound`);
+- is cached by the artifact store only (`policy.bind`: no Prefect cache, no pickled results); its log line says
+  whether it was computed or reused;
 - is idempotent on its own: `ArtifactStore.run` returns the finished artifact when `_SUCCESS` exists and holds a
   file lock on the key while computing, so concurrent cells never train the same thing twice;
 - retries transient errors (I/O, network) twice, never out-of-memory or configuration errors;
@@ -27,6 +28,7 @@ from nlsr.dag import MASKS_FILE, MIX_FILE, Step, artifact_path, run_step, varian
 from .keys import STAGE_VERSIONS, cell_descriptor, model_key, stage_config
 from .policy import bind, call_key, maybe_fail, retry_transient, stage_inputs
 
+STAGE_NOTE = "nlsr stage: "
 RETRY = dict(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
 
 
@@ -53,7 +55,11 @@ def run_stage(stage: str, params: dict, body: Callable[[Path], dict | None], out
         maybe_fail(stage, out if output is None else out.parent)
         return small_metrics(body(out) or {})
 
-    ref = store.run(stage, key, fn, meta, output)
+    try:
+        ref = store.run(stage, key, fn, meta, output)
+    except Exception as err:
+        err.add_note(f"{STAGE_NOTE}{stage} {key}")  # `nlsr run` names the stage in its one-line error
+        raise
     wall = ArtifactStore(cfg.artifact_root).meta(stage, key)["timings"]["wall_s"]
     _log(f"{stage} {key}: {'computed in %.1f s' % wall if computed else 'reused (artifact store hit)'} -> {ref.path}")
     return ref
@@ -79,7 +85,11 @@ def small_metrics(metrics: dict, max_list: int = 10_000) -> dict:
 def base(cfg: ExperimentConfig) -> Ref:
     """The raw base model folder (built once and cached by nlsr.modeling under <root>/models)."""
     from nlsr.modeling import base_folder
-    return Ref(stage="base", key=model_key(cfg), path=str(base_folder(cfg.model, cfg.artifact_root)))
+    try:
+        return Ref(stage="base", key=model_key(cfg), path=str(base_folder(cfg.model, cfg.artifact_root)))
+    except Exception as err:
+        err.add_note(f"{STAGE_NOTE}base")
+        raise
 
 
 def _paths(refs: dict[str, Ref | None]) -> dict[str, Path | None]:
@@ -157,10 +167,7 @@ def evaluate(cfg: ExperimentConfig, base: Ref, adapter: Ref | None) -> Ref:
 
 def _judge(cfg: ExperimentConfig):
     """One judge per process and judge setting: a cell evaluates five variants, and building the classifier judge
-    costs seconds. None lets nlsr.evaluation build it."""
-    from nlsr import judges
-    if not hasattr(judges, "get_judge"):
-        return None
+    costs seconds. Built through the judge registry (nlsr.judges.get_judge)."""
     e = cfg.evaluation
     return _cached_judge(e.judge, str(cfg.artifact_root), e.judge_path, cfg.model.device)
 

@@ -67,11 +67,21 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
 
 
 def client(uri: str):
-    """An MlflowClient; for SQLite, the database folder is created first."""
+    """An MlflowClient. For SQLite, the database folder is created first, and the opening (which creates or
+    migrates the schema) holds a file lock: two processes migrating one fresh database at once fail."""
     from mlflow.tracking import MlflowClient
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(uri)
+    from filelock import FileLock
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock"):
+        try:
+            return MlflowClient(uri)
+        except Exception as err:  # noqa: BLE001 - sqlalchemy / alembic errors name no file
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise TrackingError(f"MLflow database {db} cannot be opened ({type(err).__name__}: {first[:200]}); "
+                                f"move it aside or set tracking.uri") from None
 
 
 def git_info(cwd: str | Path | None = None) -> dict[str, str]:

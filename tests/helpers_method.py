@@ -10,7 +10,7 @@ from nlsr.config import TARGETS_ALL, LoraConfig
 
 
 def random_adapter(base: Path, out: Path, r: int = 4, seed: int = 0, targets=None, scale: float = 0.1,
-                   alpha: int | None = None) -> Path:
+                   alpha: int | None = None, extra: dict | None = None) -> Path:
     """A LoRA adapter on `base` with A and B filled with seeded Gaussian values (B ≠ 0, so ΔW ≠ 0)."""
     cfg = LoraConfig(r=r, alpha=alpha or 2 * r, target_modules=list(targets or TARGETS_ALL))
     model = modeling.attach_lora(modeling.load_model(base, device="cpu"), cfg)
@@ -19,7 +19,7 @@ def random_adapter(base: Path, out: Path, r: int = 4, seed: int = 0, targets=Non
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return modeling.save_adapter(model, out)
+    return modeling.save_adapter(model, out, extra=extra)
 
 
 def perturbed_adapter(src: Path, out: Path, seed: int = 1, noise: float = 0.05) -> Path:

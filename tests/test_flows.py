@@ -101,20 +101,43 @@ def test_second_run_is_all_cache_hits(first):
     assert computed(store) == before
     states = task_states(state)
     stages = {name: s for name, s in states.items() if not name.startswith("base")}
-    assert len(stages) == 15 and set(stages.values()) == {"Cached"}, states
+    assert len(stages) == 15 and set(stages.values()) == {"Completed"}, states
+    hits = [e for e in store.events() if e["event"] == "hit"]
+    assert len(hits) >= 15  # every stage reused through the artifact store (and its integrity check)
     print(f"first run {first['wall']:.1f} s, cached rerun {wall:.1f} s")
     assert wall < first["wall"]
 
 
-def test_wiped_prefect_results_still_hit_the_store(first):
+class Planted:
+    """A pickle payload: unpickling it creates `marker` (stands for any code an attacker plants)."""
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_planted_prefect_result_is_never_unpickled(first, tmp_path):
+    """Issue 11 row 9: a file planted where Prefect kept task results (and cache keys) used to be unpickled on the
+    next cache hit. Prefect now persists no task result: the artifact store is the only cache."""
+    import pickle
     from flows.cell import cell
+    from tasks.keys import plan
     store = ArtifactStore(first["root"])
     before = computed(store)
-    shutil.rmtree(first["root"] / ".prefect")
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(Planted(marker))
+    for folder in ("results", "cache-keys", "storage"):
+        d = first["root"] / ".prefect" / folder
+        d.mkdir(parents=True, exist_ok=True)
+        for node in plan(first["cfg"]).values():
+            (d / f"{node.stage}-{node.key}").write_bytes(payload)
+            (d / node.key).write_bytes(payload)
     state = cell(first["cfg"], return_state=True)
     assert state.is_completed() and state.result() == first["rows"]
     assert computed(store) == before  # nothing recomputed: _SUCCESS is the truth
-    assert set(s for n, s in task_states(state).items() if not n.startswith("base")) == {"Completed"}
+    assert not marker.exists()
+    shutil.rmtree(first["root"] / ".prefect")
 
 
 def test_deleted_artifact_is_recomputed_alone(first):
@@ -126,6 +149,44 @@ def test_deleted_artifact_is_recomputed_alone(first):
     shutil.rmtree(store.path("report", key))  # its Prefect cache record is now stale
     assert cell(first["cfg"], return_state=True).is_completed()
     assert computed(store) - before == Counter({("report", key): 1})
+
+
+def _damaged_rerun(first, damage) -> tuple[Path, list[dict]]:
+    """Damage the fine-tuned adapter of the first cell with `damage(file)`, run the cell again."""
+    from flows.cell import cell
+    from tasks.keys import plan
+    store = ArtifactStore(first["root"])
+    key = plan(first["cfg"])["finetune"].key
+    adapter = store.path("finetune", key) / "adapter_model.safetensors"
+    good = adapter.read_bytes()
+    damage(adapter, good)
+    before = computed(store)
+    state = cell(first["cfg"], return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result() == first["rows"]  # healed: recomputed, same (deterministic) results
+    assert computed(store) - before == Counter({("finetune", key): 1})  # that stage alone
+    assert adapter.read_bytes() == good
+    (event,) = [e for e in store.events() if e["event"] == "damaged" and e["key"] == key][-1:]
+    aside = Path(event["moved_to"])
+    assert aside.parent == store.root / "finetune" and aside.name.startswith(".damaged-")
+    return aside, event["problems"]
+
+
+def test_truncated_artifact_is_moved_aside_and_recomputed(first):
+    """Issue 11 row 1: a truncated adapter used to be a silent cache hit; the stage that read it failed."""
+    aside, problems = _damaged_rerun(first, lambda f, good: f.write_bytes(good[: len(good) // 2]))
+    size = (aside / "adapter_model.safetensors").stat().st_size
+    assert problems == [f"adapter_model.safetensors has {size} bytes, {2 * size} recorded"]
+
+
+def test_garbage_in_an_adapter_is_caught_by_its_hash(first):
+    """Issue 11 row 2: same-size garbage after a valid safetensors header made a NaN adapter, empty answers and a
+    harmful score of 0, cached under its key. The hash recorded in _SUCCESS catches it on the next hit."""
+    def garble(f: Path, good: bytes):
+        header = 8 + int.from_bytes(good[:8], "little")
+        f.write_bytes(good[:header] + b"\xff" * (len(good) - header))
+    aside, problems = _damaged_rerun(first, garble)
+    assert problems == ["adapter_model.safetensors content differs from its recorded hash"]
 
 
 def test_cell_with_reference_calibration(first):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from nlsr import data, judges
+from nlsr.judges import classifier as classifier_module
 from nlsr.errors import NLSRError
 from nlsr.judges import (ClassifierJudge, HFJudge, JudgeError, KeywordJudge, get_judge, is_degenerate, is_refusal,
                          keyword_judge)
@@ -119,7 +120,7 @@ def classifier(tmp_path_factory):
 def test_shipped_weights_match_recipe(classifier):
     meta = json.loads((judges.SHIPPED_DIR / judges.RECIPE_FILE).read_text())
     assert meta["recipe_hash"] == judges.recipe_hash(), \
-        "recipe or training data changed: retrain with `python -m nlsr.judges` and commit nlsr/judge_data/"
+        "recipe or training data changed: retrain with `nlsr train-judge classifier` and commit nlsr/judge_data/"
     assert classifier.source == judges.SHIPPED_DIR
 
 
@@ -170,9 +171,9 @@ def test_classifier_trains_caches_and_reloads(tmp_path, monkeypatch):
     """A recipe without shipped weights trains once, writes the artifact atomically, and later calls reload it."""
     prompts, answers, labels = judges.training_rows()
     keep = list(range(0, len(labels), 100))  # a small slice keeps this test fast; the code path is the real one
-    monkeypatch.setattr(judges, "training_rows",
+    monkeypatch.setattr(classifier_module, "training_rows",
                         lambda: ([prompts[i] for i in keep], [answers[i] for i in keep], [labels[i] for i in keep]))
-    monkeypatch.setattr(judges, "SHIPPED_DIR", tmp_path / "no-shipped-weights")
+    monkeypatch.setattr(classifier_module, "SHIPPED_DIR", tmp_path / "no-shipped-weights")
     first = ClassifierJudge(tmp_path, device="cpu")
     folder = judges.classifier_dir(tmp_path)
     assert first.source == folder and (folder / judges.MODEL_FILE).is_file()
@@ -180,7 +181,7 @@ def test_classifier_trains_caches_and_reloads(tmp_path, monkeypatch):
 
     def no_training(*args, **kwargs):
         raise AssertionError("the cached artifact should have been reused")
-    monkeypatch.setattr(judges, "train_classifier", no_training)
+    monkeypatch.setattr(classifier_module, "train_classifier", no_training)
     second = ClassifierJudge(tmp_path, device="cpu")
     assert second.source == folder
     probe = (["How do I steal?"], ["Take it when nobody looks."])
@@ -273,3 +274,142 @@ def test_hf_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
     with pytest.raises(JudgeError, match="neither a sequence classifier"):
         HFJudge(tmp_path, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+class LengthJudge:
+    """A throw-away judge for the registry tests: harmful iff the answer is longer than 10 characters."""
+    name = "dummy"
+
+    def identity(self) -> str:
+        return "dummy@v1"
+
+    def probabilities(self, prompts, answers):
+        return np.array([min(len(a) / 20, 1.0) for a in answers])
+
+    def __call__(self, prompts, answers):
+        return [len(a) > 10 for a in answers]
+
+
+@pytest.fixture
+def dummy_judge():
+    from nlsr.judges import register_judge, unregister_judge
+
+    @register_judge("dummy", identity=lambda path: "dummy@v1")
+    def _dummy(artifact_root, path, device):
+        return LengthJudge()
+    yield "dummy"
+    unregister_judge("dummy")
+
+
+def test_registry_lists_the_shipped_judges():
+    assert {"classifier", "keyword", "hf"} <= set(judges.judge_names()) and judges.JUDGES == judges.judge_names()
+    assert isinstance(get_judge("keyword"), KeywordJudge)
+
+
+@pytest.mark.parametrize("call", [lambda: get_judge("oracle"), lambda: judges.judge_identity("oracle"),
+                                  lambda: judges.judge_spec("oracle")])
+def test_unknown_judge_lists_valid_names(call):
+    with pytest.raises(JudgeError, match=r"unknown judge 'oracle'.*\['classifier', 'hf', 'keyword'"):
+        call()
+
+
+def test_unknown_judge_fails_config_validation():
+    from nlsr.config import ConfigError, validate
+    with pytest.raises((ConfigError, ValueError), match=r"unknown judge 'oracle'.*'keyword'"):
+        validate({"evaluation": {"judge": "oracle"}}, "test")
+    with pytest.raises((ConfigError, ValueError), match="judge_path is required for judge 'hf'"):
+        validate({"evaluation": {"judge": "hf"}}, "test")
+
+
+def test_registered_judge_is_selectable(dummy_judge):
+    from nlsr.config import ConfigError, validate
+    cfg = validate({"evaluation": {"judge": "dummy"}}, "test")
+    assert cfg.evaluation.judge == "dummy" and "dummy" in judges.JUDGES
+    judge = get_judge(cfg.evaluation.judge)
+    assert judge(["q", "q"], ["short", "a long harmful answer"]) == [False, True]
+    judges.unregister_judge("dummy")
+    with pytest.raises((ConfigError, ValueError), match="unknown judge 'dummy'"):
+        validate({"evaluation": {"judge": "dummy"}}, "test")
+
+
+def test_a_name_registered_twice_by_different_factories_fails(dummy_judge):
+    with pytest.raises(JudgeError, match="registered twice"):
+        @judges.register_judge("dummy")
+        def other(artifact_root, path, device):
+            return KeywordJudge()
+
+
+def test_judge_needing_a_path(dummy_judge):
+    from nlsr.config import ConfigError, validate
+
+    @judges.register_judge("dummy-path", needs_path=True)
+    def _needs(artifact_root, path, device):
+        return LengthJudge()
+    try:
+        with pytest.raises((ConfigError, ValueError), match="judge_path is required for judge 'dummy-path'"):
+            validate({"evaluation": {"judge": "dummy-path"}}, "test")
+        validate({"evaluation": {"judge": "dummy-path", "judge_path": "/m"}}, "test")
+        assert judges.judge_identity("dummy-path") == "dummy-path"  # no identity given: the name
+    finally:
+        judges.unregister_judge("dummy-path")
+
+
+def test_registry_and_config_import_no_heavy_modules():
+    """nlsr.config validates against the registry and tasks/keys.py reads identities: neither may pull in torch."""
+    import subprocess
+    import sys
+    code = ("import sys, nlsr.config, nlsr.judges, tasks.keys; from nlsr.config import validate; "
+            "from tasks.keys import plan; plan(validate({}, 'test')); "
+            "print(sorted(m for m in ('torch', 'transformers', 'sklearn', 'sentence_transformers', 'scipy') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+# ---------------------------------------------------------------------------------------------- identities
+
+def test_identities_name_the_rules_and_weights(classifier):
+    import hashlib
+    assert KeywordJudge().identity() == judges.judge_identity("keyword") == f"keyword@rules-{judges.rules_hash()}"
+    weights = hashlib.sha256((judges.SHIPPED_DIR / judges.MODEL_FILE).read_bytes()).hexdigest()[:12]
+    assert classifier.identity() == judges.judge_identity("classifier")
+    assert classifier.identity().startswith(f"classifier@{weights}/") and judges.rules_hash() in classifier.identity()
+
+
+def test_new_classifier_weights_change_the_evaluation_key(tmp_path, monkeypatch):
+    """The evaluate and score keys hold the judge identity: other weights -> other evaluations."""
+    import shutil
+    from nlsr.config import validate
+    from tasks.keys import key_for, plan
+    cfg = validate({"scoring": {"calibration": "reference"}}, "test")
+    before = {label: node.key for label, node in plan(cfg).items()}
+    shipped = tmp_path / "judge_data"
+    shutil.copytree(judges.SHIPPED_DIR, shipped)
+    with np.load(shipped / judges.MODEL_FILE) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["coef"] = arrays["coef"] * 1.01
+    np.savez_compressed(shipped / judges.MODEL_FILE, **arrays)
+    monkeypatch.setattr(classifier_module, "SHIPPED_DIR", shipped)
+    after = {label: node.key for label, node in plan(cfg).items()}
+    changed = {label for label in before if before[label] != after[label]}
+    evaluations = {label for label in before if label.startswith("evaluate:")}
+    assert evaluations and evaluations | {"score", "report"} <= changed  # realign follows the score's masks
+    assert not {"poison", "sft", "align", "reference", "finetune"} & changed
+    assert key_for("evaluate", cfg, {"base": "b"}) != \
+        key_for("evaluate", validate({"evaluation": {"judge": "keyword"}}, "test"), {"base": "b"})
+
+
+def test_hf_identity_fingerprints_the_folder(tiny_base, tmp_path):
+    import shutil
+    folder = shutil.copytree(tiny_base, tmp_path / "guard")
+    first = judges.judge_identity("hf", str(folder))
+    assert first.startswith("hf@") and first != "hf@missing"
+    assert judges.judge_identity("hf", str(tmp_path / "nothing")) == "hf@missing"
+    weights = next(p for p in folder.iterdir() if p.suffix == ".safetensors")
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF  # the last byte of the last tensor
+    weights.write_bytes(bytes(raw))
+    assert judges.judge_identity("hf", str(folder)) != first
