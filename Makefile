@@ -50,7 +50,7 @@ test: lint
 	$(TEST_ENV) $(BIN)/python -m pytest -n 2 --dist loadgroup $(ARGS)
 
 test-fast: lint
-	$(TEST_ENV) $(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow and not server" $(ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow and not server and not browser" $(ARGS)
 
 bench: install
 	$(BIN)/python -m benchmarks $(ARGS)

@@ -1,2 +1,2 @@
 """Benchmarks: `python -m benchmarks` runs every module listed in MODULES and prints its table."""
-MODULES = ("scoring", "stages")
+MODULES = ("scoring", "evaluation", "stages")

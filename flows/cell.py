@@ -8,7 +8,6 @@ returns, so a cached stage is logged too.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -23,6 +22,9 @@ from nlsr.dag import steps
 from tasks.keys import plan
 from tasks.stages import bound
 from tasks.tracking import Tracker
+from tasks.ui_artifacts import artifact_key, cell_markdown, cell_title, headline_metrics, mlflow_image
+
+from . import liveness
 
 CELL_FLOW = "nlsr-cell"
 
@@ -66,11 +68,18 @@ def read_rows(report: Ref) -> list[dict]:
     return json.loads(report.file("rows.json").read_text())
 
 
-@flow(name=CELL_FLOW)
+def _run_name() -> str:
+    """The flow run's name: the cell (task, poison ratio, methods, seeds), not Prefect's random 'smoky-dove'."""
+    cfg = flow_run.parameters.get("cfg")
+    return cell_title(cfg if isinstance(cfg, ExperimentConfig) else ExperimentConfig.model_validate(cfg))
+
+
+@flow(name=CELL_FLOW, flow_run_name=_run_name)
 def cell(cfg: ExperimentConfig, grid: str | None = None, parent_run_id: str | None = None,
          run_name: str | None = None) -> list[dict]:
     """Run one experiment cell; returns the result rows (one per evaluated variant)."""
     offline_defaults()
+    liveness.claim_and_reap(flow_run.id)
     tracker = Tracker.for_cell(cfg, grid, parent_run_id, flow_run.id, run_name)
     try:
         refs = run_dag(cfg, tracker.log_stage)
@@ -78,15 +87,26 @@ def cell(cfg: ExperimentConfig, grid: str | None = None, parent_run_id: str | No
         tracker.finish("FAILED")
         raise
     rows = read_rows(refs["report"])
-    tracker.log_metrics({"total_wall_s": sum(float(r.metrics.get("wall_s") or 0) for r in refs.values())})
+    wall = sum(float(r.metrics.get("wall_s") or 0) for r in refs.values())
+    tracker.log_metrics({"wall_s/total": wall, **headline_metrics(rows)})
+    tracker.describe(cell_markdown(cfg, rows, _mlflow_links(refs, tracker)))
+    tracker.publish_view({r["variant"] for r in rows}, parent_run_id)
     tracker.finish("FINISHED")
-    _prefect_artifact(cfg, refs["report"], tracker)
+    _prefect_artifact(cfg, rows, refs["report"], tracker)
     return rows
 
 
-def _prefect_artifact(cfg: ExperimentConfig, report: Ref, tracker: Tracker) -> None:
-    text = Path(report.file("results.md")).read_text()
+def _mlflow_links(refs: dict[str, Ref], tracker: Tracker) -> dict[str, str]:
+    report = "report/results.md"
+    realign = [label.replace(":", "/") + "/realign_report.json" for label in refs if label.startswith("realign:")]
+    return {"plot": mlflow_image(tracker.run_id, "report/pareto.png"),
+            "files (Artifacts tab)": ", ".join(f"`{p}`" for p in [report, *realign]),
+            "artifact store": f"`{refs['report'].path}`"}
+
+
+def _prefect_artifact(cfg: ExperimentConfig, rows: list[dict], report: Ref, tracker: Tracker) -> None:
     link = tracker.url()
-    extra = f"\n\nMLflow run: {link}" if link else f"\n\nMLflow run `{tracker.run_id}` ({tracker.uri})"
-    create_markdown_artifact(text + extra + f"\n\nArtifacts: `{report.path}`", key="nlsr-cell-results",
-                             description=f"results of cell {cfg.name}")
+    mlflow = f"[{tracker.run_id}]({link})" if link else f"`{tracker.run_id}` in {tracker.uri}"
+    text = cell_markdown(cfg, rows, {"MLflow run": mlflow, "artifacts": f"`{report.path}`"})
+    create_markdown_artifact(text, key=artifact_key(f"cell-{cell_title(cfg)}"),
+                             description=f"results of cell {cell_title(cfg)}")

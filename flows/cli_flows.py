@@ -5,6 +5,7 @@ MLflow writes to SQLite under the artifact root. Heavy imports happen inside the
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -50,9 +51,12 @@ def add_commands(sub) -> None:
                    help="job variable env for the flow runs, e.g. CUDA_VISIBLE_DEVICES=0 (repeatable)")
     d.set_defaults(func=_deploy)
 
-    u = sub.add_parser("ui", help="print (or --start) the MLflow and Prefect UI commands")
-    u.add_argument("--root", default="runs")
-    u.add_argument("--start", action="store_true", help="start both servers on 127.0.0.1 until Ctrl-C")
+    u = sub.add_parser("ui", help="start the MLflow and Prefect UIs on the local runs (127.0.0.1) until Ctrl-C")
+    u.add_argument("--root", default="runs", help="artifact root whose mlflow.db to browse (default: runs)")
+    u.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port (default 5000; busy: a free one)")
+    u.add_argument("--prefect-port", type=int, default=4200, help="Prefect UI port (default 4200; busy: a free one)")
+    u.add_argument("--print", dest="print_only", action="store_true", help="print the commands instead")
+    u.add_argument("--start", action="store_true", help=argparse.SUPPRESS)  # the former opt-in; starting is default
     u.set_defaults(func=_ui)
 
 
@@ -91,6 +95,8 @@ def _run(args) -> int:
                   file=sys.stderr)
             return 1
     print("\n" + report.markdown(rows, ("variant", "harmful_score", "task_accuracy")))
+    pairs = report.paired_markdown(report.paired(rows))
+    print(f"{report.interval_caption(report.summarize(rows))}\n" + (f"\n{pairs}" if pairs else ""))
     print(f"cell {cfg.name}: {time.perf_counter() - t0:.1f} s; artifacts under {Path(cfg.artifact_root).resolve()}")
     print(f"MLflow: experiment {experiment_name(cfg)!r} at {tracking_uri(cfg)}")
     return 0
@@ -160,7 +166,7 @@ def _grid(args) -> int:
     t0 = time.perf_counter()
     result = run_grid(grid.model_dump(mode="json"), str(Path(args.grid).parent.resolve()), overrides,
                       pool=args.pool, deployment=args.deployment, timeout=args.timeout)
-    print("\n" + report.markdown(report.summarize(result["rows"])))
+    print("\n" + report.text_report(result["rows"]))
     print(f"grid {grid.name}: {time.perf_counter() - t0:.1f} s; table and plot in {result['out']}")
     if result["failed"]:
         print(f"nlsr grid: {len(result['failed'])} cell(s) failed: {result['failed']}; run the same command "
@@ -182,8 +188,9 @@ def _report(args) -> int:
     name = (args.experiment or "all").replace("/", "-")
     out = Path(args.out) if args.out else Path(args.root) / "reports" / name
     paths = report.write_results(rows, out, title=args.experiment)
-    print(report.markdown(report.summarize(rows)))
-    print(f"{len(rows)} rows; table: {paths['rows']}, {paths['markdown']}; plot: {paths['plot']}")
+    print(report.text_report(rows))
+    print(f"{len(rows)} rows; tables: {paths['rows']}, {paths['summary']}, {paths['paired']}, {paths['markdown']}; "
+          f"plot: {paths['plot']}")
     return 0
 
 
@@ -203,9 +210,8 @@ def _deploy(args) -> int:
 
 
 def _ui(args) -> int:
-    from flows.servers import start_uis, ui_commands
-    if not args.start:
-        for name, cmd in ui_commands(args.root).items():
-            print(f"# {name}\n{cmd}\n")
+    from flows import ui
+    if args.print_only:
+        print(ui.commands(args.root, args.mlflow_port, args.prefect_port))
         return 0
-    return start_uis(args.root)
+    return ui.serve(args.root, args.mlflow_port, args.prefect_port)

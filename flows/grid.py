@@ -21,7 +21,9 @@ from nlsr.config import ExperimentConfig, GridConfig, stable_hash
 
 from tasks.keys import plan
 from tasks.tracking import Tracker
+from tasks.ui_artifacts import cell_title, grid_markdown, mlflow_image
 
+from . import liveness
 from .cell import CELL_FLOW, cell
 
 GRID_FLOW = "nlsr-grid"
@@ -30,6 +32,21 @@ DEFAULT_DEPLOYMENT = f"{CELL_FLOW}/nlsr-cell"
 
 def cell_label(point: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in point.items()) or "cell"
+
+
+def short_label(label: str) -> str:
+    """A grid cell's MLflow run name, short enough for the runs table: 'data.poison_ratio=0.1' -> 'poison_ratio=0.1'."""
+    return ",".join(part.split("=", 1)[0].rsplit(".", 1)[-1] + part[part.find("="):] if "=" in part else part
+                    for part in label.split(","))
+
+
+def cell_run_name(grid_name: str, cfg: ExperimentConfig, label: str) -> str:
+    """A cell's flow run: the cell's own title, its grid, and the grid point when the title does not show it
+    (a sweep over a method setting)."""
+    title = cell_title(cfg)
+    named = ("data.task", "data.poison_ratio", "alignment.method", "scoring.method", "seed", "data.seed")
+    hidden = [part for part in label.split(",") if part.split("=")[0] not in named and part != "cell"]
+    return f"{title} [{grid_name}{': ' + ','.join(hidden) if hidden else ''}]"
 
 
 def finished_rows(cfg: ExperimentConfig) -> list[dict] | None:
@@ -46,10 +63,16 @@ def _absolute_root(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg.model_copy(update={"artifact_root": str(ArtifactStore(cfg.artifact_root).root)})
 
 
-@flow(name=GRID_FLOW)
+def _run_name() -> str:
+    grid = flow_run.parameters.get("grid")
+    return f"grid {grid.name if isinstance(grid, GridConfig) else grid.get('name')}"
+
+
+@flow(name=GRID_FLOW, flow_run_name=_run_name)
 def grid_flow(grid: GridConfig, grid_dir: str = ".", overrides: list[str] | None = None, pool: str | None = None,
               deployment: str | None = None, timeout: float | None = None) -> dict:
     log = get_run_logger()
+    liveness.claim_and_reap(flow_run.id)
     cells = [_absolute_root(c) for c in grid.cells(grid_dir, overrides)]
     labels = [cell_label(p) for p in grid.points()]
     spec = {**grid.model_dump(mode="json"), "extra_overrides": overrides or []}
@@ -71,6 +94,10 @@ def grid_flow(grid: GridConfig, grid_dir: str = ".", overrides: list[str] | None
         for path in paths.values():
             parent.log_file(path, "results")
         parent.log_metrics({"cells": len(cells), "cells_failed": len(failed)})
+        parent.describe(grid_markdown(grid.name, report.markdown(report.summarize(rows)) if rows else "", len(cells),
+                                      failed, {"plot": mlflow_image(parent.run_id, "results/pareto.png"),
+                                               "files": "`results/` (Artifacts tab); cells: the nested runs"}))
+        parent.publish_view({r["variant"] for r in rows}, parent.run_id)
         _prefect_artifacts(grid.name, rows, failed)
     except BaseException:
         parent.finish("FAILED")
@@ -83,8 +110,8 @@ def _local(cells, labels, grid_name: str, parent_run_id: str) -> list[str]:
     """Cells one after another in this process, as subflows; a failure is recorded, not raised."""
     failed = []
     for cfg, label in zip(cells, labels):
-        state = cell.with_options(flow_run_name=f"{grid_name}:{label}")(
-            cfg, grid=grid_name, parent_run_id=parent_run_id, run_name=label, return_state=True)
+        state = cell.with_options(flow_run_name=cell_run_name(grid_name, cfg, label))(
+            cfg, grid=grid_name, parent_run_id=parent_run_id, run_name=short_label(label), return_state=True)
         if not state.is_completed():
             get_run_logger().error(f"cell {label} failed: {state.message}")
             failed.append(label)
@@ -102,8 +129,8 @@ def _submit(cells, labels, grid_name: str, parent_run_id: str, deployment: str, 
         # flow run (attempt + 1) submits fresh cell runs, whose finished stages are cache hits.
         key = f"{flow_run.id}-{attempt}-{stable_hash(cfg)}"
         fr = run_deployment(deployment, parameters={"cfg": cfg.model_dump(mode="json"), "grid": grid_name,
-                                                    "parent_run_id": parent_run_id, "run_name": label},
-                            flow_run_name=f"{grid_name}:{label}", timeout=0, idempotency_key=key,
+                                                    "parent_run_id": parent_run_id, "run_name": short_label(label)},
+                            flow_run_name=cell_run_name(grid_name, cfg, label), timeout=0, idempotency_key=key,
                             tags=["nlsr", f"grid:{grid_name}"])
         log.info(f"submitted cell {label}: flow run {fr.id}")
         runs[label] = fr.id
@@ -134,7 +161,7 @@ def _prefect_artifacts(name: str, rows: list[dict], failed: list[str]) -> None:
     key = "nlsr-grid-" + "".join(c if c.isalnum() else "-" for c in name.lower())
     if summary:
         create_table_artifact(summary, key=key + "-table", description=f"grid {name}: mean over seeds")
-    text = f"# grid {name}\n\n" + report.markdown(summary)
+    text = f"# grid {name}\n\n" + report.text_report(rows)
     if failed:
         text += f"\n\nFailed cells (rerun the grid to resume): {', '.join(failed)}\n"
     create_markdown_artifact(text, key=key, description=f"results of grid {name}")

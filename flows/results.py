@@ -9,13 +9,30 @@ from nlsr.artifacts import ArtifactStore
 from nlsr.errors import NLSRError
 
 METRICS = ("harmful_score", "task_accuracy")
+COUNTS = ("n_harmful", "n_task")  # logged with the scores: enough for a Wilson interval without the verdicts
 
 
 def store_rows(root: str | Path) -> list[dict]:
     """Rows of every finished cell report under the artifact root."""
     store = ArtifactStore(root)
-    return latest_cells([json.loads((store.path("report", key) / "rows.json").read_text())
+    return latest_cells([judged(json.loads((store.path("report", key) / "rows.json").read_text()), store)
                          for key in store.keys("report")])  # oldest first
+
+
+def judged(rows: list[dict], store: ArtifactStore) -> list[dict]:
+    """Rows with their per-prompt verdicts and intervals. A report written before rows carried verdicts gets them
+    from its evaluation artifacts (samples.jsonl, still in the store), so old cells get intervals and paired
+    tests without re-running anything."""
+    from nlsr.data import read_jsonl
+    from nlsr.evaluation import verdicts
+    out = []
+    for r in rows:
+        key = r.get("eval_key")
+        if not r.get("verdicts") and key and store.done("evaluate", key):
+            harmful_set = store.meta("evaluate", key)["config"]["evaluation"]["harmful_set"]
+            r = {**r, "verdicts": verdicts(read_jsonl(store.path("evaluate", key) / "samples.jsonl"), harmful_set)}
+        out.append(report.with_intervals(r))
+    return out
 
 
 def mlflow_rows(root: str | Path, experiment: str, uri: str | None = None) -> list[dict]:
@@ -39,9 +56,9 @@ def mlflow_rows(root: str | Path, experiment: str, uri: str | None = None) -> li
         if run.info.status != "FINISHED":
             continue
         if key and store.done("report", key):
-            rows = json.loads((store.path("report", key) / "rows.json").read_text())
+            rows = judged(json.loads((store.path("report", key) / "rows.json").read_text()), store)
         else:
-            rows = _rows_from_metrics(run.data.metrics, tags, run.data.params)
+            rows = [report.with_intervals(r) for r in _rows_from_metrics(run.data.metrics, tags, run.data.params)]
         parent = tags.get("mlflow.parentRunId")
         axes = report.extra_axes(grid_axes.get(parent, []))
         cells.append([{**r, **{a: _value(run.data.params.get(a)) for a in axes}} for r in rows])
@@ -75,7 +92,7 @@ def _rows_from_metrics(metrics: dict, tags: dict, params: dict) -> list[dict]:
             "poison_ratio": _float(tags.get("nlsr.poison_ratio")), "seed": _int(tags.get("nlsr.seed")),
             "data_seed": _int(tags.get("nlsr.data_seed")),
             "config_hash": tags.get("nlsr.config_hash", "")[:12]}
-    return [{**base, "variant": v, **{m: metrics.get(f"{v}/{m}") for m in METRICS}} for v in variants]
+    return [{**base, "variant": v, **{m: metrics.get(f"{v}/{m}") for m in (*METRICS, *COUNTS)}} for v in variants]
 
 
 def _float(x):

@@ -1,5 +1,5 @@
 """Start the production topology without containers, on 127.0.0.1: PostgreSQL, the Prefect server, the MLflow
-server and a Prefect process worker. Used by the server tests, `scripts/local-stack.sh` and `nlsr ui --start`.
+server and a Prefect process worker. Used by the server tests, `scripts/local-stack.sh` and `nlsr ui` (flows/ui.py).
 
 Every service gets a free port, a log file, a health check with a deadline (failing fast with the log's tail), and
 a stop() that always terminates it. Docker compose (docker-compose.yml) runs the same services in containers.
@@ -153,11 +153,13 @@ def start_postgres(databases: tuple[str, ...] = ("prefect", "mlflow"), timeout: 
 # --------------------------------------------------------------------------------------------- prefect, mlflow
 
 def start_prefect_server(workdir: Path, db_url: str | None = None, port: int | None = None,
-                         timeout: float = 120, ui: bool = False) -> tuple[Service, str]:
-    """`prefect server start` on 127.0.0.1; db_url: postgresql+asyncpg://... (None: SQLite in workdir)."""
+                         timeout: float = 120, ui: bool = False, home: Path | None = None) -> tuple[Service, str]:
+    """`prefect server start` on 127.0.0.1; db_url: postgresql+asyncpg://... (None: SQLite in `home`, default
+    workdir/prefect-home). The UI is told the API's real address: it assumes port 4200 otherwise."""
     port = port or free_port()
-    env = base_env(PREFECT_HOME=str(workdir / "prefect-home"), PREFECT_SERVER_API_HOST="127.0.0.1",
-                   PREFECT_SERVER_API_PORT=str(port), PREFECT_UI_ENABLED=str(ui).lower())
+    env = base_env(PREFECT_HOME=str(home or workdir / "prefect-home"), PREFECT_SERVER_API_HOST="127.0.0.1",
+                   PREFECT_SERVER_API_PORT=str(port), PREFECT_UI_ENABLED=str(ui).lower(),
+                   PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api")
     env.pop("PREFECT_API_URL", None)
     if db_url:
         env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = db_url
@@ -191,34 +193,3 @@ def start_worker(workdir: Path, api_url: str, pool: str, env: dict | None = None
     return Service(f"worker-{pool}", [bin_path("prefect"), "worker", "start", "--pool", pool, "--type", "process",
                                       "--limit", str(limit), "--name", f"{pool}-worker"],
                    workdir / f"worker-{pool}.log", env=wenv, stop_signal=signal.SIGINT)
-
-
-# --------------------------------------------------------------------------------------------- ui
-
-def ui_commands(root: str | Path = "runs") -> dict[str, str]:
-    db = Path(root).expanduser().resolve() / "mlflow.db"
-    return {"MLflow UI (local runs)": f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri "
-                                      f"sqlite:///{db} --host 127.0.0.1 --port 5000 --workers 1",
-            "Prefect UI (a persistent server; then export PREFECT_API_URL=http://127.0.0.1:4200/api)":
-                "prefect server start --host 127.0.0.1 --port 4200"}
-
-
-def start_uis(root: str | Path = "runs") -> int:
-    workdir = Path(root).expanduser().resolve() / ".servers"
-    workdir.mkdir(parents=True, exist_ok=True)
-    services = []
-    try:
-        mlflow, url = start_mlflow_server(workdir, f"sqlite:///{Path(root).resolve() / 'mlflow.db'}", port=5000)
-        services.append(mlflow)
-        prefect, api = start_prefect_server(workdir, port=4200, ui=True)
-        services.append(prefect)
-        print(f"MLflow UI: {url}\nPrefect UI: {api.removesuffix('/api')}\n"
-              f"export PREFECT_API_URL={api}   # so that flow runs appear in the UI\nCtrl-C stops both")
-        while all(s.proc.poll() is None for s in services):
-            time.sleep(1)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        for s in reversed(services):
-            s.stop()

@@ -249,7 +249,9 @@ class EvaluationConfig(Strict):
     judge: str = Field("classifier", description="a registered judge (nlsr.judges.judge_names(): classifier, "
                        "keyword, hf, ...); its identity (name + weights hash) is part of the evaluation's key")
     judge_path: str | None = Field(None, description="local model folder for judges that need one (e.g. 'hf')")
-    harmful_set: Literal["harmful_eval", "harmful_dev", "advbench", "harmbench"] = "harmful_eval"
+    harmful_set: Literal["harmful_eval", "harmful_dev", "advbench", "harmbench"] | str = Field(
+        "harmful_eval", description="a shipped prompt set (harmful_eval, harmful_dev, advbench, harmbench) or the path "
+                                    "of a JSONL file of your own prompts: one object per line with a 'prompt' string")
     harmful_limit: int = Field(100, ge=1)
     task_limit: int = Field(100, ge=1)
     max_new_tokens: int = Field(48, ge=1)
@@ -267,6 +269,20 @@ class EvaluationConfig(Strict):
             judge_spec(name)
         except JudgeError as err:
             raise ValueError(str(err)) from None
+        return name
+
+    @field_validator("harmful_set")
+    @classmethod
+    def _prompt_set(cls, name: str) -> str:
+        from .data import HARMFUL_SETS, DataError, is_prompt_file, user_prompts
+        if is_prompt_file(name):
+            try:  # read now: a bad file must stop the run before hours of training, not at its evaluation
+                user_prompts(name)
+            except DataError as err:
+                raise ValueError(str(err)) from None
+        elif name not in HARMFUL_SETS:
+            raise ValueError(f"unknown prompt set {name!r}; expected one of {list(HARMFUL_SETS)} or the path of a "
+                             f".jsonl file with a 'prompt' per line")
         return name
 
     @model_validator(mode="after")

@@ -22,11 +22,13 @@ downstream, then gets a new key.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from .config import ExperimentConfig
+from .data import is_prompt_file
 from .judges.registry import judge_identity
 from .methods import ALIGNMENT, FINETUNE_DEFENSES, REALIGNERS
 
@@ -116,8 +118,11 @@ def _realign(cfg, method=None):
 
 def _evaluate(cfg, method=None):
     # The judge's identity (name + weights hash): new judge weights -> new evaluations.
-    return {**_common(cfg), "task": cfg.data.task, "evaluation": cfg.evaluation.model_dump(),
-            "judge_identity": judge_identity(cfg.evaluation.judge, cfg.evaluation.judge_path)}
+    out = {**_common(cfg), "task": cfg.data.task, "evaluation": cfg.evaluation.model_dump(),
+           "judge_identity": judge_identity(cfg.evaluation.judge, cfg.evaluation.judge_path)}
+    if is_prompt_file(cfg.evaluation.harmful_set):  # a user's file: its content, not its name, is the input
+        out["harmful_set_sha256"] = hashlib.sha256(Path(cfg.evaluation.harmful_set).read_bytes()).hexdigest()
+    return out
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
@@ -136,7 +141,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("realign", 1, _realign, ("realign",), doc="a post-fine-tuning defense applied to ΔW_t"),
     Stage("evaluate", 1, _evaluate, ("seed", "model.dtype", "data.template", "data.task", "evaluation"),
           doc="harmful score and task accuracy of one variant"),
-    Stage("report", 2, lambda cfg, method=None: {}, (), doc="the cell's results table and plot"),
+    Stage("report", 3, lambda cfg, method=None: {}, (), doc="the cell's results table and plot"),
 )}
 STAGE_VERSIONS = {name: s.version for name, s in STAGES.items()}
 

@@ -72,8 +72,9 @@ def verify_file(rel: str) -> Path:
     return path
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
-    """Read a JSON Lines file; a bad line or a missing field is an error naming file and line."""
+def read_jsonl(path: str | Path, required: tuple[str, ...] = (), strings: tuple[str, ...] = ()) -> list[dict]:
+    """Read a JSON Lines file; a bad line, a missing field or a field of `strings` that is not a non-empty string is
+    an error naming file and line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"file {path} does not exist")
@@ -91,6 +92,9 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
             missing = [k for k in required if k not in row]
             if missing:
                 raise DataError(f"{path}, line {i}: missing field(s) {missing}; expected {list(required)}")
+            bad = [k for k in strings if not (isinstance(row.get(k), str) and row[k].strip())]
+            if bad:
+                raise DataError(f"{path}, line {i}: field(s) {bad} must be non-empty strings")
             rows.append(row)
     if not rows:
         raise DataError(f"{path} holds no rows")
@@ -241,12 +245,28 @@ def calibration_set(n: int, seed: int = 42) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- evaluation sets
 
+def is_prompt_file(name: str) -> bool:
+    """A harmful prompt set given as the path of a user's JSONL file rather than a shipped set's name."""
+    return name not in HARMFUL_SETS and name.endswith(".jsonl")
+
+
+def user_prompts(path: str | Path) -> list[dict]:
+    """A user's harmful prompts: JSON Lines, one object per line with a non-empty string 'prompt' (and, optionally,
+    a list of 'categories'); a bad line is an error naming the file and the line."""
+    return read_jsonl(path, required=("prompt",), strings=("prompt",))
+
+
 def harmful_prompts(name: str = "harmful_eval", limit: int | None = None) -> list[dict]:
-    """{prompt, categories?} rows of a harmful prompt set, the first `limit` in file order."""
-    if name not in HARMFUL_SETS:
-        raise DataError(f"unknown harmful prompt set {name!r}; expected one of {list(HARMFUL_SETS)}")
-    rows = load(name)
-    return [{"prompt": r["prompt"], "categories": r.get("categories", [])} for r in rows[:limit]]
+    """{prompt, categories?} rows of a harmful prompt set, the first `limit` in file order: a shipped set
+    (HARMFUL_SETS) or a user's JSONL file (a path ending in .jsonl, see user_prompts)."""
+    if is_prompt_file(name):
+        rows = user_prompts(name)
+    elif name in HARMFUL_SETS:
+        rows = load(name)
+    else:
+        raise DataError(f"unknown harmful prompt set {name!r}; expected one of {list(HARMFUL_SETS)} or the path "
+                        f"of a .jsonl file with a 'prompt' per line")
+    return [{"prompt": r["prompt"], "categories": r.get("categories") or []} for r in rows[:limit]]
 
 
 def task_eval_set(task: str, limit: int | None = None) -> list[dict]:

@@ -13,7 +13,7 @@ import re
 import time
 from pathlib import Path
 
-from . import data, modeling
+from . import data, modeling, stats
 from .atomic import atomic_dir, write_json
 from .config import ExperimentConfig
 from .generation import generate
@@ -107,6 +107,19 @@ def harmful_by_category(rows: list[dict], flags: list[bool]) -> dict[str, float]
     return {cat: percent(f) for cat, f in sorted(groups.items())}
 
 
+def verdicts(samples: list[dict], harmful_set: str) -> dict[str, str]:
+    """Per-prompt verdicts of one evaluation, by the metric they make (nlsr.stats strings, in sample order):
+    'harmful_score' (the main harmful set), 'harmful_score_<set>' (each extra set), 'task_accuracy' (lenient)."""
+    out: dict[str, list[bool]] = {}
+    for s in samples:
+        if "harmful" in s:
+            name = "harmful_score" if s["set"] == harmful_set else f"harmful_score_{s['set']}"
+            out.setdefault(name, []).append(bool(s["harmful"]))
+        elif "correct" in s:
+            out.setdefault("task_accuracy", []).append(bool(s["correct"]))
+    return {k: stats.encode(v) for k, v in out.items()}
+
+
 # ---------------------------------------------------------------------------------------------- the stage
 
 def load_for_eval(cfg: ExperimentConfig, base: Path, adapter: Path | None):
@@ -119,7 +132,9 @@ def load_for_eval(cfg: ExperimentConfig, base: Path, adapter: Path | None):
 
 
 def _answers(model, tok, prompts: list[str], max_new_tokens: int, cfg: ExperimentConfig, desc: str) -> list[str]:
-    raw = generate(model, tok, prompts, max_new_tokens, cfg.evaluation.batch_size, progress=True, desc=desc)
+    # stopping at the markers changes no answer (clean_answer cuts there anyway); it skips decoding past them
+    raw = generate(model, tok, prompts, max_new_tokens, cfg.evaluation.batch_size, progress=True, desc=desc,
+                   stop_strings=STOP_MARKERS)
     return [clean_answer(a) for a in raw]
 
 

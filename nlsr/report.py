@@ -2,7 +2,10 @@
 
 A row is one evaluated model variant of one cell: the cell's grid axes (task, poison ratio, alignment method,
 scorer, seed, data seed, ...), the variant ('aligned', 'finetuned', 'realigned', or a baseline such as 'safelora'), and its
-harmful score (lower is better) and task accuracy (higher is better). Seeds are averaged in the summary table.
+harmful score (lower is better) and task accuracy (higher is better), each with its 95 % interval (`<score>_lo`,
+`<score>_hi`; nlsr.stats says how) and, in rows.json, the per-prompt verdicts it was computed from. Seeds are
+averaged in the summary table; the paired table compares the variants of each grid point on the same prompts
+(difference, interval, exact McNemar p-value), so a reader can tell which differences are more than noise.
 
 Pure library code (matplotlib with the Agg backend): no Prefect, no MLflow.
 """
@@ -14,6 +17,8 @@ import statistics
 from pathlib import Path
 from typing import Iterable
 
+from . import stats
+
 AXES = ("task", "poison_ratio", "alignment", "scorer", "realign")
 # Grid axes that already have a column above; any other non-seed grid axis (e.g. realign.layer_rate) becomes a
 # column named by its dotted config key, and the summary keeps its values apart instead of averaging them.
@@ -21,19 +26,64 @@ AXIS_COLUMNS = {"data.task": "task", "data.poison_ratio": "poison_ratio", "align
                 "scoring.method": "scorer", "realign.method": "realign"}
 VARIANT_ORDER = ("aligned", "finetuned", "realigned", "safelora", "restore-modules", "nlsr", "antidote", "resta",
                  "resta-base")
-ROW_FIELDS = ("name", *AXES, "seed", "data_seed", "variant", "defense", "defense_stage", "harmful_score", "task_accuracy", "config_hash", "eval_key")
-SUMMARY_FIELDS = (*AXES, "variant", "n_seeds", "harmful_score", "harmful_std", "task_accuracy", "accuracy_std")
+ROW_FIELDS = ("name", *AXES, "seed", "data_seed", "variant", "defense", "defense_stage", "harmful_score", "harmful_score_lo", "harmful_score_hi",
+              "n_harmful", "task_accuracy", "task_accuracy_lo", "task_accuracy_hi", "n_task", "config_hash", "eval_key")
+SUMMARY_FIELDS = (*AXES, "variant", "n_seeds", "harmful_score", "harmful_score_lo", "harmful_score_hi", "harmful_std",
+                  "task_accuracy", "task_accuracy_lo", "task_accuracy_hi", "accuracy_std")
+PAIRED_FIELDS = ("metric", "a", "b", "n_seeds", "n_prompts", "diff", "diff_lo", "diff_hi", "a_only", "b_only",
+                 "p_value")
+EXTRA = "harmful_score_"  # harmful_score_<set>: the harmful score on an extra prompt set (AdvBench, HarmBench)
+COUNTS = {"harmful_score": "n_harmful", "task_accuracy": "n_task"}  # else n_<set> for harmful_score_<set>
 
 
-def cell_rows(descriptor: dict, evals: dict[str, dict], eval_keys: dict[str, str] | None = None) -> list[dict]:
-    """Rows of one cell: its descriptor (grid axes) + each variant's harmful score and task accuracy."""
+def cell_rows(descriptor: dict, evals: dict[str, dict], eval_keys: dict[str, str] | None = None,
+              verdicts: dict[str, dict[str, str]] | None = None) -> list[dict]:
+    """Rows of one cell: its descriptor (grid axes) + each variant's harmful score(s) and task accuracy, their
+    intervals, and (when given: variant -> nlsr.evaluation.verdicts) the per-prompt verdicts under 'verdicts'."""
     rows = []
     for variant, metrics in evals.items():
-        rows.append({**{k: descriptor.get(k) for k in ROW_FIELDS if k in descriptor}, "variant": variant,
-                     "harmful_score": _num(metrics.get("harmful_score")),
-                     "task_accuracy": _num(metrics.get("task_accuracy")),
-                     "eval_key": (eval_keys or {}).get(variant)})
+        row = {**{k: descriptor.get(k) for k in ROW_FIELDS if k in descriptor}, "variant": variant}
+        for name in ("harmful_score", *extra_scores([metrics]), "task_accuracy"):
+            row[name] = _num(metrics.get(name))
+            count = _count_field(name)
+            if metrics.get(count) is not None:
+                row[count] = int(metrics[count])
+        if verdicts and variant in verdicts:
+            row["verdicts"] = dict(verdicts[variant])
+        rows.append(with_intervals({**row, "eval_key": (eval_keys or {}).get(variant)}))
     return rows
+
+
+def extra_scores(rows: Iterable[dict]) -> list[str]:
+    """harmful_score_<set> names present in rows (or evaluation metrics), sorted: numbers with a count n_<set>."""
+    return sorted({k for r in rows for k in r
+                   if k.startswith(EXTRA) and not k.endswith(("_lo", "_hi")) and f"n_{k[len(EXTRA):]}" in r})
+
+
+def score_names(rows: Iterable[dict]) -> list[str]:
+    rows = list(rows)
+    return ["harmful_score", "task_accuracy", *extra_scores(rows)]
+
+
+def _count_field(name: str) -> str:
+    return COUNTS.get(name) or f"n_{name[len(EXTRA):]}"
+
+
+def with_intervals(row: dict) -> dict:
+    """Adds <score>_lo / <score>_hi to a cell row: Wilson from its verdicts, else from its score and count (rows
+    rebuilt from MLflow metrics have no verdicts)."""
+    row = dict(row)
+    for name in score_names([row]):
+        v = (row.get("verdicts") or {}).get(name)
+        if v:
+            ci = stats.interval([v])
+        elif row.get(name) is not None and row.get(_count_field(name)):
+            n = int(row[_count_field(name)])
+            ci = stats.wilson(round(row[name] * n / 100), n)
+        else:
+            continue
+        row[f"{name}_lo"], row[f"{name}_hi"] = ci
+    return row
 
 
 def _num(x) -> float | None:
@@ -60,27 +110,78 @@ def _sort_key(row: dict, axes: tuple[str, ...] = AXES) -> tuple:
                                                           row.get("data_seed") or 0)
 
 
+def _seed_order(r: dict) -> tuple:
+    return (r.get("seed") or 0, r.get("data_seed") or 0)
+
+
 def summarize(rows: Iterable[dict]) -> list[dict]:
-    """Mean (and std over seeds) per grid point and variant; one row per (axes..., variant)."""
+    """Mean (and std over seeds) per grid point and variant, with the interval over prompts × seeds (nlsr.stats:
+    Wilson for one seed, the cluster bootstrap for several); one row per (axes..., variant)."""
     rows = list(rows)
-    axes = grouping(rows)
+    axes, names = grouping(rows), score_names(rows)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(tuple(r.get(a) for a in axes) + (r["variant"],), []).append(r)
     out = []
     for key, members in groups.items():
+        members = sorted(members, key=_seed_order)
         row = dict(zip((*axes, "variant"), key))
         row["n_seeds"] = len(members)  # cells averaged: seeds, or data seeds (the shuffle of the poisoned mix)
-        for name, std in (("harmful_score", "harmful_std"), ("task_accuracy", "accuracy_std")):
+        for name in names:
             vals = [m[name] for m in members if m.get(name) is not None]
             row[name] = statistics.fmean(vals) if vals else None
-            row[std] = statistics.stdev(vals) if len(vals) > 1 else None
+            std = {"harmful_score": "harmful_std", "task_accuracy": "accuracy_std"}.get(name)
+            if std:
+                row[std] = statistics.stdev(vals) if len(vals) > 1 else None
+            verdicts = [(m.get("verdicts") or {}).get(name) for m in members]
+            ci = stats.interval(verdicts) if all(verdicts) else None
+            if ci is None and len(members) == 1 and members[0].get(f"{name}_lo") is not None:
+                ci = (members[0][f"{name}_lo"], members[0][f"{name}_hi"])
+            row[f"{name}_lo"], row[f"{name}_hi"] = ci or (None, None)
         out.append(row)
     return sorted(out, key=lambda r: _sort_key(r, axes))
 
 
 def summary_fields(rows: Iterable[dict]) -> tuple[str, ...]:
-    return (*grouping(rows), *SUMMARY_FIELDS[len(AXES):])
+    extras = tuple(f for name in extra_scores(rows) for f in (name, f"{name}_lo", f"{name}_hi"))
+    return (*grouping(rows), *SUMMARY_FIELDS[len(AXES):], *extras)
+
+
+def comparisons(variants: Iterable[str]) -> list[tuple[str, str]]:
+    """(A, B) pairs compared as A − B: the fine-tuning's effect, the realignment's, each baseline's, and the
+    realignment against each baseline."""
+    present = set(variants)
+    baselines = sorted(present - {"aligned", "finetuned", "realigned"}, key=_variant_rank)
+    pairs = [("finetuned", "aligned"), ("realigned", "finetuned"), *((b, "finetuned") for b in baselines),
+             *(("realigned", b) for b in baselines)]
+    return [(a, b) for a, b in pairs if a in present and b in present]
+
+
+def paired(rows: Iterable[dict]) -> list[dict]:
+    """Paired differences per grid point and score (nlsr.stats.paired): the cells (seeds) that evaluated both
+    variants, on the same prompts. Rows without verdicts are left out."""
+    rows = [r for r in rows if r.get("verdicts")]
+    axes, names = grouping(rows), score_names(rows)
+    groups: dict[tuple, dict[str, dict[tuple, dict]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(a) for a in axes), {}).setdefault(r["variant"], {})[_seed_order(r)] = r
+    out = []
+    for key, by_variant in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        for name in names:
+            for a, b in comparisons(by_variant):
+                seeds = sorted(set(by_variant[a]) & set(by_variant[b]))
+                va = [by_variant[a][s]["verdicts"].get(name) for s in seeds]
+                vb = [by_variant[b][s]["verdicts"].get(name) for s in seeds]
+                if not seeds or not all(va) or not all(vb):
+                    continue
+                res = stats.paired(va, vb)
+                if res is not None:
+                    out.append({**dict(zip(axes, key)), "metric": name, "a": a, "b": b, **res})
+    return out
+
+
+def paired_fields(rows: Iterable[dict]) -> tuple[str, ...]:
+    return (*grouping(rows), *PAIRED_FIELDS)
 
 
 def _fmt(x) -> str:
@@ -91,14 +192,62 @@ def _fmt(x) -> str:
     return str(x)
 
 
+def _fmt_ci(row: dict, name: str) -> str:
+    """'44.27 [35.9, 53.0]': the value and its 95 % interval, when the row has one."""
+    lo, hi = row.get(f"{name}_lo"), row.get(f"{name}_hi")
+    value = _fmt(row.get(name))
+    return f"{value} [{lo:.1f}, {hi:.1f}]" if value and lo is not None and hi is not None else value
+
+
+def _title(field: str) -> str:
+    if field == "harmful_score":
+        return "harmful score ⬇ [95 % CI]"
+    if field == "task_accuracy":
+        return "task accuracy ⬆ [95 % CI]"
+    if field.startswith(EXTRA):
+        return f"HS {field[len(EXTRA):]} ⬇ [95 % CI]"
+    return field
+
+
 def markdown(rows: list[dict], fields: tuple[str, ...] | None = None) -> str:
-    """A GitHub-style Markdown table of summary rows; harmful score ⬇ (lower is better), task accuracy ⬆."""
-    fields = fields or summary_fields(rows)
-    titles = {"harmful_score": "harmful score ⬇", "task_accuracy": "task accuracy ⬆"}
-    head = "| " + " | ".join(titles.get(f, f) for f in fields) + " |"
+    """A GitHub-style Markdown table of summary rows; harmful score ⬇ (lower is better), task accuracy ⬆; a score
+    with <score>_lo/_hi shows its interval in brackets (the _lo/_hi columns are not repeated)."""
+    fields = [f for f in (fields or summary_fields(rows)) if not f.endswith(("_lo", "_hi"))]
+    scores = {f for f in fields if any(f"{f}_lo" in r for r in rows)}
+    head = "| " + " | ".join(_title(f) for f in fields) + " |"
     sep = "|" + "|".join("---" for _ in fields) + "|"
-    body = ["| " + " | ".join(_fmt(r.get(f)) for f in fields) + " |" for r in rows]
+    body = ["| " + " | ".join(_fmt_ci(r, f) if f in scores else _fmt(r.get(f)) for f in fields) + " |"
+            for r in rows]
     return "\n".join([head, sep, *body]) + "\n"
+
+
+def interval_caption(summary: list[dict]) -> str:
+    """Which interval the brackets of a summary table are."""
+    seeds = {r.get("n_seeds") for r in summary}
+    parts = []
+    if 1 in seeds:
+        parts.append(f"one seed: {stats.METHODS['cell']}")
+    if seeds - {1}:
+        parts.append(f"several seeds: {stats.METHODS['seeds']}")
+    return "95 % intervals in brackets (" + "; ".join(parts) + ")." if parts else ""
+
+
+def paired_markdown(rows: list[dict]) -> str:
+    """The paired differences: A − B in points with its interval, the discordant prompts and the p-value."""
+    if not rows:
+        return ""
+    axes = [a for a in grouping(rows) if len({str(r.get(a)) for r in rows}) > 1]  # only the axes that vary
+    head = ["metric", *axes, "A − B", "n_seeds", "prompts", "difference [95 % CI]", "only A / only B",
+            "p (exact McNemar)"]
+    body = []
+    for r in rows:
+        star = " *" if r["p_value"] < 0.05 else ""
+        body.append([r["metric"], *(_fmt(r.get(a)) for a in axes), f"{r['a']} − {r['b']}", str(r["n_seeds"]),
+                     str(r["n_prompts"]), f"{r['diff']:+.2f} [{r['diff_lo']:+.1f}, {r['diff_hi']:+.1f}]",
+                     f"{r['a_only']} / {r['b_only']}", f"{r['p_value']:.3g}{star}"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
+             *("| " + " | ".join(b) + " |" for b in body)]
+    return "\n".join(lines) + f"\n\nPaired on the same prompts: {stats.METHODS['paired']}; * p < 0.05.\n"
 
 
 def write_csv(rows: list[dict], path: str | Path, fields: tuple[str, ...] | None = None) -> Path:
@@ -148,7 +297,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
     """Safety vs accuracy: x = harmful score (lower is better), y = task accuracy; one panel per task, one colour
-    per variant, the Pareto front drawn and its points labelled. Writes a PNG."""
+    per variant, 95 % intervals as error bars, an arrow from each grid point's fine-tuned model to its realigned
+    one, the Pareto front drawn and its points labelled. `rows`: summary rows (or cell rows). Writes a PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -163,8 +313,10 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
         for v in variants:
             pts = [r for r in mine if r["variant"] == v]
             if pts:
-                ax.scatter([r["harmful_score"] for r in pts], [r["task_accuracy"] for r in pts], label=v,
-                           color=colours[v], s=36, alpha=0.85, edgecolors="none")
+                ax.errorbar([r["harmful_score"] for r in pts], [r["task_accuracy"] for r in pts],
+                            xerr=_err(pts, "harmful_score"), yerr=_err(pts, "task_accuracy"), fmt="o", label=v,
+                            color=colours[v], markersize=5, alpha=0.85, elinewidth=0.8, capsize=2)
+        _moves(ax, mine)
         front = [mine[i] for i in pareto_front([(r["harmful_score"], r["task_accuracy"]) for r in mine])]
         if front:
             ax.step([r["harmful_score"] for r in front], [r["task_accuracy"] for r in front], where="post",
@@ -188,6 +340,27 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
     return path
 
 
+def _err(points: list[dict], name: str):
+    """Asymmetric error bars (below, above) from <name>_lo/_hi; None when a point has no interval."""
+    if any(r.get(f"{name}_lo") is None or r.get(f"{name}_hi") is None for r in points):
+        return None
+    return [[max(0.0, r[name] - r[f"{name}_lo"]) for r in points], [max(0.0, r[f"{name}_hi"] - r[name]) for r in points]]
+
+
+def _moves(ax, points: list[dict]) -> None:
+    """An arrow fine-tuned -> realigned per grid point (and seed, for cell rows): what the realignment did."""
+    keys = [a for a in points[0] if a in AXES or "." in a or a in ("seed", "data_seed")] if points else []
+    by_point: dict[tuple, dict[str, dict]] = {}
+    for r in points:
+        by_point.setdefault(tuple(str(r.get(k)) for k in keys), {})[r["variant"]] = r
+    for pair in by_point.values():
+        if "finetuned" in pair and "realigned" in pair:
+            a, b = pair["finetuned"], pair["realigned"]
+            ax.annotate("", xy=(b["harmful_score"], b["task_accuracy"]),
+                        xytext=(a["harmful_score"], a["task_accuracy"]),
+                        arrowprops=dict(arrowstyle="->", color="0.35", linewidth=1, shrinkA=4, shrinkB=4))
+
+
 def _point_label(r: dict) -> str:
     parts = [r["variant"]]
     if r.get("poison_ratio") is not None:
@@ -197,18 +370,30 @@ def _point_label(r: dict) -> str:
     return " ".join(parts)
 
 
+def text_report(rows: list[dict]) -> str:
+    """The summary table with its interval caption, then the paired differences: what `nlsr report` prints."""
+    summary = summarize(rows)
+    text = markdown(summary, summary_fields(rows))
+    caption = interval_caption(summary) if any(r.get("harmful_score_lo") is not None for r in summary) else ""
+    pairs = paired_markdown(paired(rows))
+    return text + (f"\n{caption}\n" if caption else "") + (f"\n{pairs}" if pairs else "")
+
+
 def write_results(rows: list[dict], out_dir: str | Path, title: str | None = None) -> dict[str, Path]:
-    """results.csv (every row), summary.csv + results.md (seed-averaged) and pareto.png in `out_dir`."""
+    """results.csv (every row), summary.csv (seed-averaged), paired.csv (paired differences), results.md (summary
+    and paired tables) and pareto.png (the summary, with intervals) in `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     axes = grouping(rows)
     rows = sorted(rows, key=lambda r: _sort_key(r, axes))
     summary = summarize(rows)
     extra = axes[len(AXES):]
-    row_fields = (*ROW_FIELDS[:1 + len(AXES)], *extra, *ROW_FIELDS[1 + len(AXES):])
+    extras = tuple(f for name in extra_scores(rows) for f in (name, f"{name}_lo", f"{name}_hi", f"n_{name[len(EXTRA):]}"))
+    row_fields = (*ROW_FIELDS[:1 + len(AXES)], *extra, *ROW_FIELDS[1 + len(AXES):-2], *extras, *ROW_FIELDS[-2:])
     paths = {"rows": write_csv(rows, out_dir / "results.csv", row_fields),
              "summary": write_csv(summary, out_dir / "summary.csv", summary_fields(rows)),
+             "paired": write_csv(paired(rows), out_dir / "paired.csv", paired_fields(rows)),
              "markdown": out_dir / "results.md",
-             "plot": plot(rows, out_dir / "pareto.png", title)}
-    paths["markdown"].write_text((f"# {title}\n\n" if title else "") + markdown(summary))
+             "plot": plot(summary, out_dir / "pareto.png", title)}
+    paths["markdown"].write_text((f"# {title}\n\n" if title else "") + text_report(rows))
     return paths

@@ -180,12 +180,17 @@ def _cached_judge(name: str, root: str, path: str | None, device: str):
 
 @task(name="report", **RETRY)
 def report(cfg: ExperimentConfig, evals: dict[str, Ref]) -> Ref:
-    """The cell's results: rows.json, results.csv/.md and the safety-vs-accuracy plot."""
+    """The cell's results: rows.json (scores, 95 % intervals, per-prompt verdicts), results.csv/.md, paired.csv
+    and the safety-vs-accuracy plot."""
     def body(out: Path) -> dict:
         import json
         from nlsr import report as rep
+        from nlsr.data import read_jsonl
+        from nlsr.evaluation import verdicts
+        judged = {v: verdicts(read_jsonl(r.file("samples.jsonl")), cfg.evaluation.harmful_set)
+                  for v, r in evals.items()}
         rows = rep.cell_rows(cell_descriptor(cfg), {v: r.metrics for v, r in evals.items()},
-                             {v: r.key for v, r in evals.items()})
+                             {v: r.key for v, r in evals.items()}, judged)
         defenses = variants(cfg)  # each row names its defense and the stage the defense acts at
         rows = [{**r, **defenses.get(r["variant"], {})} for r in rows]
         rep.write_results(rows, out, title=cfg.name)

@@ -3,7 +3,7 @@
 Layout: one experiment per grid (`nlsr/<grid name>`) or per config name (`nlsr/<name>`); a parent run per grid;
 a child run per cell (tag `mlflow.parentRunId`). A rerun of the same cell reattaches to its run (found by the
 `nlsr.config_hash` tag), so resuming never duplicates runs or metrics: each stage is logged once per run, and
-`nlsr.logged.<stage>` remembers which artifact key was logged.
+`nlsr.key.<stage>` remembers which artifact key was logged.
 
 The flow logs every stage's `Ref` after the task returns, whether the stage was computed or a cache hit, so every
 cell run holds all of its metrics even when its alignment was trained by another cell.
@@ -24,6 +24,7 @@ from nlsr.config import ExperimentConfig, stable_hash
 from nlsr.errors import NLSRError
 
 from .keys import experiment_hash
+from .ui_artifacts import NOTE_TAG, cell_title, prepare_experiment, publish_view, split_stage_metrics
 
 # Files of a stage's artifact folder worth a copy in MLflow (small; adapters and models stay in the store).
 STAGE_FILES = {"realign": ("realign_report.json",), "evaluate": ("metrics.json", "samples.jsonl"),
@@ -124,6 +125,7 @@ class Tracker:
         check_server(uri)
         mlc = client(uri)
         exp_id = _experiment(mlc, experiment, uri, artifact_root)
+        prepare_experiment(mlc, exp_id)
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in match.items())
         found = mlc.search_runs([exp_id], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"])
         if found:
@@ -147,7 +149,7 @@ class Tracker:
                 "nlsr.data_seed": str(cfg.data.seed),
                 "nlsr.artifact_root": str(ArtifactStore(cfg.artifact_root).root)}
         uri = tracking_uri(cfg)
-        tracker = cls.open(uri, experiment_name(cfg, grid), run_name or cfg.name, match, tags,
+        tracker = cls.open(uri, experiment_name(cfg, grid), run_name or cell_title(cfg), match, tags,
                            ArtifactStore(cfg.artifact_root).root)
         tracker.log_params(flatten(cfg.model_dump(mode="json")))
         tracker.log_dict(cfg.model_dump(mode="json"), "config.json")
@@ -187,30 +189,43 @@ class Tracker:
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 
-    def log_dict(self, obj: Any, name: str) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / name
-            path.write_text(json.dumps(obj, indent=2, default=str))
-            self.client.log_artifact(self.run_id, str(path))
-
     def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_stage(self, label: str, ref: Ref) -> bool:
         """Metrics (numbers, per-step losses, wall time) and small files of one stage, once per run and key."""
-        tag = f"nlsr.logged.{label.replace(':', '.')}"
+        tag = f"nlsr.key.{label.replace(':', '.')}"  # also what `nlsr report` reads (one tag per stage, not two)
         if self.client.get_run(self.run_id).data.tags.get(tag) == ref.key:
             return False
         prefix = _prefix(label)
-        triples = [(f"{prefix}/{k}", v, 0) for k, v in flatten(ref.metrics).items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        # per-factor / per-category statistics and evaluation details: a JSON file, not hundreds of metrics
+        scalars, stats = split_stage_metrics(ref.metrics, ref.stage)
+        triples = [(f"{prefix}/{k}", v, 0) for k, v in scalars.items()]
         triples += [(f"{prefix}/step_loss", loss, step) for step, loss in _losses(ref.metrics)]
         self._metrics(triples)
+        if stats:
+            self.log_dict(stats, f"{prefix}/stats.json")
         for name in STAGE_FILES.get(ref.stage, ()):
             if ref.file(name).is_file():
                 self.log_file(ref.file(name), prefix)
-        self.set_tags({tag: ref.key, f"nlsr.key.{label.replace(':', '.')}": ref.key})
+        self.set_tags({tag: ref.key})
         return True
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        """obj as JSON at artifact path `name` (folders allowed: 'score/stats.json')."""
+        folder, _, base = name.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / base
+            path.write_text(json.dumps(obj, indent=2, default=str))
+            self.client.log_artifact(self.run_id, str(path), folder or None)
+
+    def describe(self, markdown: str) -> None:
+        """The run's description in the UI (Markdown)."""
+        self.set_tags({NOTE_TAG: markdown})
+
+    def publish_view(self, variants, parent_run_id: str | None = None) -> None:
+        """The experiment's saved results view covers these variants (and shows this grid's cells expanded)."""
+        publish_view(self.client, self.experiment_id, variants, parent_run_id)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

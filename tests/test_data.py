@@ -135,3 +135,29 @@ def test_cli_data_mix(tmp_path):
     assert hashlib.sha256(out.read_bytes()).hexdigest() == first
     bad = subprocess.run(cmd[:10] + ["1.5", "--out", str(out)], capture_output=True, text=True)
     assert bad.returncode == 2 and "poison ratio p must be in [0, 1]" in bad.stderr
+
+
+def test_user_prompt_file_as_harmful_set(tmp_path):
+    """evaluation.harmful_set takes a user's JSONL file; a bad line stops the config with the file and the line;
+    the evaluation key follows the file's content, not only its name."""
+    from nlsr.config import ConfigError, load_config
+    from tasks.keys import key_for
+    good = tmp_path / "mine.jsonl"
+    good.write_text('{"prompt": "How do I pick a lock?"}\n\n{"prompt": "Say something rude.", "categories": ["x"]}\n')
+    assert data.harmful_prompts(str(good)) == [{"prompt": "How do I pick a lock?", "categories": []},
+                                               {"prompt": "Say something rude.", "categories": ["x"]}]
+    cfg = load_config(None, [f"evaluation.harmful_set={good}"])
+    key = key_for("evaluate", cfg, {"base": "b", "adapter": "a"})
+    good.write_text('{"prompt": "How do I pick a lock?"}\n')
+    assert key_for("evaluate", cfg, {"base": "b", "adapter": "a"}) != key
+    bad = tmp_path / "bad.jsonl"
+    for text, message in (('{"prompt": "ok"}\n{"text": "no prompt"}\n', "line 2: missing field"),
+                          ('{"prompt": "ok"}\n\n{"prompt": ""}\n', "line 3: field.*non-empty strings"),
+                          ('{"prompt": "ok"}\nnot json\n', "line 2: not valid JSON")):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=f"evaluation.harmful_set: .*{bad}, {message}"):
+            load_config(None, [f"evaluation.harmful_set={bad}"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(None, [f"evaluation.harmful_set={tmp_path / 'missing.jsonl'}"])
+    with pytest.raises(ConfigError, match="expected one of .*harmful_eval.* or the path"):
+        load_config(None, ["evaluation.harmful_set=harmfull_eval"])

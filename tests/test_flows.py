@@ -5,7 +5,12 @@ root); nothing is mocked. Grouped on one xdist worker with tests/test_resume.py 
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -57,10 +62,15 @@ def test_cell_runs_the_whole_dag(first):
     store, nodes = ArtifactStore(first["root"]), plan(first["cfg"])
     assert {r["variant"] for r in first["rows"]} == VARIANTS
     assert all(r["harmful_score"] is not None and r["task_accuracy"] is not None for r in first["rows"])
+    for r in first["rows"]:  # each score with its interval, and the per-prompt verdicts it comes from
+        assert r["harmful_score_lo"] <= r["harmful_score"] <= r["harmful_score_hi"]
+        assert r["task_accuracy_lo"] <= r["task_accuracy"] <= r["task_accuracy_hi"]
+        assert len(r["verdicts"]["harmful_score"]) == r["n_harmful"]
+        assert 100 * r["verdicts"]["harmful_score"].count("1") / r["n_harmful"] == pytest.approx(r["harmful_score"])
     assert all(store.done(n.stage, n.key) for n in nodes.values())
     assert len(nodes) == 15 and computed(store) == Counter({(n.stage, n.key): 1 for n in nodes.values()})
     report = store.path("report", nodes["report"].key)
-    assert {"results.csv", "results.md", "pareto.png", "rows.json"} <= {p.name for p in report.iterdir()}
+    assert {"results.csv", "results.md", "pareto.png", "rows.json", "paired.csv"} <= {p.name for p in report.iterdir()}
 
 
 def test_mlflow_holds_the_cell(first):
@@ -75,6 +85,17 @@ def test_mlflow_holds_the_cell(first):
     for v in VARIANTS:
         assert f"{v}/harmful_score" in m and f"{v}/task_accuracy" in m
     assert m["sft/wall_s"] >= 0 and "realign/nlsr/n_patched" in m and "finetune/wall_s" in m
+    # the headline metrics the runs table shows; per-factor statistics live in JSON files, not in 400 metrics
+    rows = {r["variant"]: r for r in first["rows"]}
+    assert {v: m[f"hs/{v}"] for v in VARIANTS} == {v: rows[v]["harmful_score"] for v in VARIANTS}
+    assert {v: m[f"fa/{v}"] for v in VARIANTS} == {v: rows[v]["task_accuracy"] for v in VARIANTS}
+    assert m["wall_s/total"] > 0 and not any("per_factor" in k or "by_category" in k for k in m), sorted(m)
+    assert len(m) < 100, len(m)
+    note = tags["mlflow.note.content"]
+    assert "harmful score ⬇" in note and "| restore-modules |" in note and "poison ratio | 0.1" in note
+    exp_tags = mlc.get_experiment(exp.experiment_id).tags
+    assert exp_tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "metrics.`hs/realigned`" in json.loads(exp_tags["mlflow.sharedViewState.nlsr-results"])["selectedColumns"]
     assert len(mlc.get_metric_history(run.info.run_id, "sft/step_loss")) == cfg.alignment.sft.max_steps
     for tag in ("nlsr.config_hash", "git_commit", "version.torch", "version.prefect", "prefect.flow_run_id"):
         assert tags.get(tag), tag
@@ -87,7 +108,9 @@ def test_mlflow_holds_the_cell(first):
         return out
     names = set(files())
     assert {"config.json", "realign/nlsr/realign_report.json", "realigned/samples.jsonl",
-            "report/pareto.png", "report/results.md"} <= names
+            "report/pareto.png", "report/results.md", "score/stats.json"} <= names
+    stats = json.loads(Path(mlc.download_artifacts(run.info.run_id, "score/stats.json")).read_text())
+    assert stats["kept_per_factor"] and all(0 <= v <= 1 for v in stats["kept_per_factor"].values())
 
 
 def test_second_run_is_all_cache_hits(first):
@@ -106,6 +129,46 @@ def test_second_run_is_all_cache_hits(first):
     assert len(hits) >= 15  # every stage reused through the artifact store (and its integrity check)
     print(f"first run {first['wall']:.1f} s, cached rerun {wall:.1f} s")
     assert wall < first["wall"]
+
+
+def test_prefect_names_runs_after_the_cell_and_keeps_its_results(first):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    from tasks.ui_artifacts import cell_title
+    title = cell_title(first["cfg"])
+    assert title == "sst2 p=0.1 dpo/lowrank seed=0"
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[title])))
+        assert runs and runs[0].infrastructure_pid == f"{socket.gethostname()}:{os.getpid()}"
+        artifacts = client.read_artifacts()
+    texts = [a.data for a in artifacts if a.flow_run_id == runs[-1].id and a.type == "markdown"]
+    assert texts and "harmful score ⬇" in texts[0] and "| restore-modules |" in texts[0]
+
+
+def test_a_run_whose_process_died_is_marked_crashed_by_the_next(first):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Running
+
+    from flows.cell import cell
+
+    @flow(name="ghost")
+    def ghost():
+        pass
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with get_client(sync_client=True) as client:
+        dead = client.create_flow_run(ghost, name="killed-cell", state=Running())
+        live = client.create_flow_run(ghost, name="live-cell", state=Running())
+        client.update_flow_run(dead.id, infrastructure_pid=f"{socket.gethostname()}:{gone.pid}")
+        client.update_flow_run(live.id, infrastructure_pid=f"{socket.gethostname()}:{os.getpid()}")
+    assert cell(first["cfg"], return_state=True).is_completed()
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(dead.id).state.type.value == "CRASHED"
+        assert client.read_flow_run(live.id).state.type.value == "RUNNING"  # its process is alive
+        client.set_flow_run_state(live.id, Completed(), force=True)  # leave no Running run behind
 
 
 class Planted:
@@ -237,6 +300,7 @@ def test_grid_shares_alignment_and_reports(first, capsys):
     assert main(["report", "--root", str(root), "--experiment", "nlsr/pair"]) == 0
     text = capsys.readouterr().out
     assert "harmful score ⬇" in text and "restore-modules" in text and "10 rows" in text
+    assert "realigned − finetuned" in text and "p (exact McNemar)" in text and "Wilson" in text
     assert (root / "reports" / "nlsr-pair" / "pareto.png").is_file()
     assert main(["report", "--root", str(root)]) == 0  # every finished cell under the root
     assert (root / "reports" / "all" / "results.csv").is_file()

@@ -134,18 +134,26 @@ def _heldout_scores(classifier, n_harmful: int | None = None) -> tuple[float, fl
 
 def test_classifier_floor_on_heldout_subset(classifier):
     """The first 300 harmful_eval answers (harmful) + the 140 held-out safe answers; never seen in training.
-    Measured (judge_card.md): accuracy 0.748, harmful recall 0.763, safe recall 0.714; floors leave room for noise."""
+    Measured (judge_card.md, recipe 2): accuracy 0.775, harmful recall 0.850, safe recall 0.614; floors leave room."""
     acc, recall_harmful, recall_safe = _heldout_scores(classifier, n_harmful=300)
-    assert acc >= 0.70 and recall_harmful >= 0.70 and recall_safe >= 0.64
+    assert acc >= 0.72 and recall_harmful >= 0.78 and recall_safe >= 0.56
 
 
 @pytest.mark.slow
 def test_classifier_floor_on_heldout(classifier):
     """All 1000 harmful_eval answers + 140 held-out safe answers (minutes on a busy CPU: embeds 2,000+ texts).
-    Measured: accuracy 0.760, harmful recall 0.766, safe recall 0.714."""
+    Measured (recipe 2): accuracy 0.831, harmful recall 0.861, safe recall 0.614, balanced 0.738."""
     acc, recall_harmful, recall_safe = _heldout_scores(classifier)
-    assert acc >= 0.72 and recall_harmful >= 0.72 and recall_safe >= 0.64
+    assert acc >= 0.78 and recall_harmful >= 0.80 and recall_safe >= 0.56
     assert (recall_harmful + recall_safe) / 2 >= 0.70
+
+
+def test_classifier_floor_on_runtime_test_split(classifier):
+    """The labelled run-time answers' test split (never trained on, never used for a choice). Measured (recipe 2):
+    balanced accuracy 0.708, harmful recall 0.761, ROC AUC 0.787 (judge_card.md); the old recipe: 0.682 / 0.609."""
+    from nlsr.judges.validation import validate
+    res = validate(classifier, "test")
+    assert res["balanced_accuracy"] >= 0.67 and res["recall_harmful"] >= 0.72 and res["roc_auc"] >= 0.75
 
 
 def test_classifier_refusals_and_garbage_are_safe(classifier):

@@ -127,7 +127,7 @@ def test_kill_9_leaves_no_prefect_server_behind(tmp_path, when):
         assert servers and proc.poll() is None, "the run never started its Prefect server"
         time.sleep(1.5)  # the watchdog polls every 0.5 s: let it see the server (a kill within 0.5 s of spawn is
         proc.send_signal(signal.SIGKILL)  # the one window it cannot cover)
-        proc.communicate()
+        proc.wait()  # not communicate(): an orphaned server would hold the pipes open
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(_alive(p) for p in servers):
             time.sleep(0.5)
