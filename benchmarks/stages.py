@@ -4,8 +4,10 @@
     python -m benchmarks.stages --quick                      # configs/smoke.yaml: the tiny random model, ~1 min
     python -m benchmarks.stages --config configs/paper.yaml --set model.path=...   # on a GPU
 
-A stage's peak memory is the maximum resident set size of its own process (imports of torch and the HF stack
-included; the `imports` row shows that floor), so stages do not inherit each other's peaks.
+The steps are those of one cell, read from its DAG description (`nlsr.dag.steps`): every post-fine-tuning
+defense in realign.method / realign.baselines, every fine-tuning-stage defense in finetune.defenses, and the
+evaluation of each variant. A step's peak memory is the maximum resident set size of its own process (imports of
+torch and the HF stack included; the `imports` row shows that floor), so steps do not inherit each other's peaks.
 """
 from __future__ import annotations
 
@@ -18,65 +20,66 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["imports", "base", "poison", "sft", "align", "reference", "score", "finetune", "realign", "evaluate"]
 
 
-def _paths(work: Path) -> dict[str, Path]:
-    return {"mix": work / "mix.jsonl", "w0": work / "w0", "aligned": work / "aligned", "reference": work / "ref",
-            "masks": work / "masks.safetensors", "finetuned": work / "ft", "realigned": work / "realigned",
-            "eval": work / "eval"}
+def _folder(work: Path, label: str) -> Path:
+    return work / label.replace(":", "-")
 
 
-def _stage(name: str, cfg, p: dict[str, Path]) -> None:
-    from nlsr import data, modeling, realign, reference, scoring, training
-    from nlsr.evaluation import evaluate
-    base = modeling.base_folder(cfg.model, cfg.artifact_root) if name != "imports" else None
-    if name == "poison":
-        data.write_jsonl(data.poison_mix(cfg.data.task, cfg.data.n, cfg.data.poison_ratio, cfg.data.seed,
-                                         cfg.data.poison_source), p["mix"])
-    elif name == "sft":
-        training.safety_sft(cfg, base, p["w0"])
-    elif name == "align":
-        training.preference_align(cfg, p["w0"], p["aligned"])
-    elif name == "reference":
-        reference.build_reference(p["aligned"], p["reference"], cfg.reference)
-    elif name == "score":
-        calib = data.calibration_set(cfg.scoring.n_samples, cfg.scoring.seed)
-        scoring.score_neurons(training.aligned_base(cfg, p["w0"]), p["reference"], calib, cfg.scoring, p["masks"],
-                              cfg.data.template, cfg.model.device, cfg.model.dtype)
-    elif name == "finetune":
-        training.finetune(cfg, training.aligned_base(cfg, p["w0"]), p["aligned"], p["mix"], p["finetuned"])
-    elif name == "realign":
-        realign.realign(training.aligned_base(cfg, p["w0"]), p["reference"], p["finetuned"], p["masks"], cfg.realign,
-                        p["realigned"])
-    elif name == "evaluate":
-        evaluate(cfg, training.aligned_base(cfg, p["w0"]), p["realigned"], p["eval"])
-
-
-def _child(name: str, cfg_json: str, work: str, queue) -> None:
+def _child(label: str, cfg_json: str, work: str, queue) -> None:
+    """Run one DAG step (nlsr.dag.run_step, the body the Prefect task runs too) on the outputs of earlier steps."""
     from nlsr.env import offline_defaults
     offline_defaults()
     t_import = time.perf_counter()
+    from nlsr import dag
     from nlsr.config import ExperimentConfig
     import nlsr.training  # noqa: F401  (the heavy imports, timed apart from the stage)
+    cfg = ExperimentConfig.model_validate_json(cfg_json)
     t0 = time.perf_counter()
-    _stage(name, ExperimentConfig.model_validate_json(cfg_json), _paths(Path(work)))
-    queue.put({"stage": name, "wall_s": time.perf_counter() - t0, "import_s": t0 - t_import,
+    if label != "imports":
+        from nlsr.modeling import base_folder
+        steps = {s.label: s for s in dag.steps(cfg)}
+        step, root = steps[label], Path(work)
+        stage_of = {s.label: s.stage for s in steps.values()}
+        paths = {}
+        for name, src in step.inputs.items():
+            if src is None:
+                paths[name] = None
+            elif src == "base":
+                paths[name] = base_folder(cfg.model, cfg.artifact_root)
+            else:
+                paths[name] = dag.artifact_path(stage_of[src], _folder(root, src))
+        out = _folder(root, label)
+        output = dag.STAGES[step.stage].output
+        if output:
+            out.mkdir(parents=True)
+            out = out / output
+        dag.run_step(step, cfg, paths, out)
+    queue.put({"stage": label, "wall_s": time.perf_counter() - t0, "import_s": t0 - t_import,
                "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
-def run(cfg, work: Path) -> list[dict]:
+def labels(cfg, evaluations: bool = True) -> list[str]:
+    """'imports', then every step of the cell's DAG but the report (optionally without the evaluations)."""
+    from nlsr import dag
+    return ["imports"] + [s.label for s in dag.steps(cfg)
+                          if s.stage != "report" and (evaluations or s.stage != "evaluate")]
+
+
+def run(cfg, work: Path, evaluations: bool = True) -> list[dict]:
+    from nlsr.modeling import base_folder
+    base_folder(cfg.model, cfg.artifact_root)  # built once, outside the timings (as the flow's 'base' task)
     ctx = mp.get_context("spawn")
     rows = []
-    for name in STAGES:
+    for label in labels(cfg, evaluations):
         queue = ctx.Queue()
-        proc = ctx.Process(target=_child, args=(name, cfg.model_dump_json(), str(work), queue))
+        proc = ctx.Process(target=_child, args=(label, cfg.model_dump_json(), str(work), queue))
         proc.start()
         proc.join()
         if proc.exitcode != 0:
-            raise SystemExit(f"stage {name} failed (exit code {proc.exitcode})")
+            raise SystemExit(f"step {label} failed (exit code {proc.exitcode})")
         rows.append(queue.get())
-        print(f"  {name}: {rows[-1]['wall_s']:.1f} s", file=sys.stderr, flush=True)
+        print(f"  {label}: {rows[-1]['wall_s']:.1f} s", file=sys.stderr, flush=True)
     return rows
 
 
@@ -94,13 +97,14 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--quick", action="store_true", help="configs/smoke.yaml (tiny random model)")
     ap.add_argument("--artifact-root", default=None, help="where base models are cached (default: runs)")
+    ap.add_argument("--no-evaluations", action="store_true", help="skip the evaluate steps (one per variant)")
     args, _ = ap.parse_known_args(argv)
     from nlsr.config import load_config
     path = args.config or ROOT / "configs" / ("smoke.yaml" if args.quick else "default.yaml")
     extra = [f"artifact_root={args.artifact_root}"] if args.artifact_root else []
     cfg = load_config(path, [*args.overrides, *extra])
     with tempfile.TemporaryDirectory(prefix="nlsr-bench-stages-") as work:
-        rows = run(cfg, Path(work))
+        rows = run(cfg, Path(work), evaluations=not args.no_evaluations)
     print(f"pipeline stages, config {Path(path).name} ({cfg.model.source} model, device {cfg.model.device})")
     print(table(rows))
     return 0

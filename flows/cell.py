@@ -1,10 +1,6 @@
 """The `nlsr-cell` flow: one task × poison ratio × alignment method × scorer × seed, as a DAG of cached stages.
 
-    poison ─────────────────────────────────┐
-    base ─► sft (W0) ─► align ─► reference ─► score ──┐
-                          └──────► finetune ◄─┘        ▼
-                                      └─► realign (nlsr + baselines) ─► evaluate (every variant) ─► report
-
+The DAG is described once, in `nlsr.dag` (stages, inputs, config slices, variants); this flow walks it.
 Stages run one after another as plain task calls (one cell = one process = one GPU); parallelism comes from
 running several cells (grid flow, work pool). Each stage's Ref is logged to the cell's MLflow run right after it
 returns, so a cached stage is logged too.
@@ -21,7 +17,9 @@ from nlsr.artifacts import Ref
 from nlsr.config import ExperimentConfig
 from nlsr.env import offline_defaults
 
-from tasks.keys import plan, realign_methods, variant_name
+from nlsr.dag import steps
+
+from tasks.keys import plan
 from tasks.stages import bound
 from tasks.tracking import Tracker
 from tasks.ui_artifacts import artifact_key, cell_markdown, cell_title, headline_metrics, mlflow_image
@@ -32,42 +30,26 @@ CELL_FLOW = "nlsr-cell"
 
 
 def run_dag(cfg: ExperimentConfig, log=lambda label, ref: None) -> dict[str, Ref]:
-    """Every stage of the cell, in order; returns the Refs by plan label. `log(label, ref)` after each stage."""
+    """Every step of the cell (nlsr.dag.steps), in order; returns the Refs by step label. `log(label, ref)` after
+    each step."""
     t = bound(cfg.artifact_root)
     refs: dict[str, Ref] = {}
-
-    def done(label: str, ref: Ref) -> Ref:
-        refs[label] = ref
-        log(label, ref)
-        return ref
-
-    base = t["base"](cfg)
-    mix = done("poison", t["poison"](cfg))
-    w0 = done("sft", t["sft"](cfg, base))
-    aligned = done("align", t["align"](cfg, w0))
-    # The aligned adapter sits on W0, except for method 'sft' (the SFT LoRA on the raw base): tasks.keys.plan too.
-    wbase = base if cfg.alignment.method == "sft" else w0
-    reference = done("reference", t["reference"](cfg, aligned))
-    masks = done("score", t["score"](cfg, wbase, reference))
-    if cfg.finetune.aligned:
-        finetuned = done("finetune", t["finetune"](cfg, wbase, aligned, mix))
-    else:  # 'Non-Aligned' baseline: a fresh LoRA on the raw base; there is nothing to realign
-        finetuned = done("finetune", t["finetune"](cfg, base, None, mix))
-
-    def evaluate(variant: str, on: Ref, adapter: Ref) -> Ref:
-        task = t["evaluate"].with_options(task_run_name=f"evaluate-{variant}")
-        return done(f"evaluate:{variant}", task(cfg, on, adapter))
-
-    evals = {"aligned": evaluate("aligned", wbase, aligned),
-             "finetuned": evaluate("finetuned", wbase if cfg.finetune.aligned else base, finetuned)}
-    if cfg.finetune.aligned:
-        for method in realign_methods(cfg):
-            task = t["realign"].with_options(task_run_name=f"realign-{method}")
-            realigned = done(f"realign:{method}", task(cfg, wbase, reference, finetuned,
-                                                       masks if method == "nlsr" else None, method=method))
-            v = variant_name(cfg, method)
-            evals[v] = evaluate(v, wbase, realigned)
-    done("report", t["report"](cfg, evals))
+    produced = {"base": t["base"](cfg)}
+    for step in steps(cfg):
+        inputs = {name: produced[src] if src else None for name, src in step.inputs.items()}
+        task = t[step.stage]
+        if ":" in step.label:  # several steps of one stage: name each task run after its step
+            task = task.with_options(task_run_name=step.label.replace(":", "-"))
+        if step.stage == "report":
+            ref = task(cfg, inputs)
+        elif step.stage == "realign":
+            ref = task(cfg, step.method, inputs)
+        elif step.method is not None:
+            ref = task(cfg, **inputs, method=step.method)
+        else:
+            ref = task(cfg, **inputs)
+        produced[step.label] = refs[step.label] = ref
+        log(step.label, ref)
     _check_plan(cfg, refs)
     return refs
 

@@ -10,12 +10,13 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .defenses.config import DefensesConfig
+from .methods import ALIGNMENT, FINETUNE_DEFENSES, REALIGNERS, SCORERS
 
 TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TASKS = ("sst2", "agnews", "gsm8k")
@@ -24,6 +25,14 @@ DEVICE_PATTERN = r"auto|cpu|mps|(cuda|xpu)(:\d+)?"
 
 class ConfigError(NLSRError):
     """A configuration file or override is invalid; the message names the field or file."""
+
+
+# Method names are checked against their registry (nlsr.methods) at validation time, so a method registered by a
+# plugin is a valid choice and an unknown name fails with the list of valid ones.
+AlignmentName = Annotated[str, AfterValidator(ALIGNMENT.check)]
+FinetuneDefenseName = Annotated[str, AfterValidator(FINETUNE_DEFENSES.check)]
+ScorerName = Annotated[str, AfterValidator(SCORERS.check)]
+RealignerName = Annotated[str, AfterValidator(REALIGNERS.check)]
 
 
 class Strict(BaseModel):
@@ -103,7 +112,7 @@ class PreferenceConfig(TrainConfig):
 
 class AlignmentConfig(Strict):
     sft: TrainConfig = TrainConfig()
-    method: Literal["dpo", "orpo", "kto", "simpo", "sft"] = "dpo"
+    method: AlignmentName = Field("dpo", description="a name in nlsr.methods.ALIGNMENT")
     preference: PreferenceConfig = PreferenceConfig()
     harmless_mix: float = Field(0.0, ge=0.0, le=1.0,
                                 description="fraction of harmless task rows mixed into safety SFT, so the model "
@@ -114,6 +123,21 @@ class FinetuneConfig(TrainConfig):
     learning_rate: float = 1e-4
     aligned: bool = Field(True, description="continue the aligned adapter (paper); False: fresh LoRA on the raw "
                                             "base ('Non-Aligned' baseline)")
+    defenses: list[FinetuneDefenseName] = Field(
+        default_factory=list, description="fine-tuning-stage defenses evaluated beside the undefended fine-tuning, "
+                                          "each its own fine-tuned adapter (names in nlsr.methods.FINETUNE_DEFENSES)")
+
+    def plain(self) -> dict:
+        """The settings plain fine-tuning (ATTACK) reads: without the defenses' own sections, so a sweep over a
+        defense's knob does not redo the undefended fine-tuning."""
+        own = {"defenses", *(s for d in FINETUNE_DEFENSES.names() for s in FINETUNE_DEFENSES.meta(d).get(
+            "settings", ()))}
+        return self.model_dump(exclude=own)
+
+    def settings(self, defense: str) -> dict:
+        """The plain settings plus those `defense` reads."""
+        names = FINETUNE_DEFENSES.meta(defense).get("settings", ())
+        return {**self.plain(), "defense": defense, **self.model_dump(include=set(names))}
 
 
 class ReferenceConfig(Strict):
@@ -123,7 +147,7 @@ class ReferenceConfig(Strict):
 
 
 class ScoringConfig(Strict):
-    method: Literal["lowrank", "wanda", "snip", "random"] = "lowrank"
+    method: ScorerName = Field("lowrank", description="a name in nlsr.methods.SCORERS")
     sparsity: float = Field(0.8, ge=0.0, lt=1.0, description="P_SR: the mask keeps the top (1 - sparsity)")
     rank_rule: Literal["code", "paper"] = Field(
         "code", description="retained rank q: code int(r·P_SR); paper int(r·(1-P_SR))")
@@ -131,6 +155,9 @@ class ScoringConfig(Strict):
     calibration: Literal["safe", "reference"] = Field(
         "safe", description="safe: shipped safe answers to risky prompts; reference: the safety reference model's "
                             "own greedy answers that the evaluation judge finds safe (the release's way)")
+    calibration_format: Literal["paper", "code"] = Field(
+        "paper", description="paper: '### Response:\\n' then the whole response; code: the release's formatting, "
+                             "no newline after '### Response:' and the response's first token dropped")
     n_samples: int = Field(64, ge=1)
     max_length: int = Field(256, ge=16)
     seed: int = 42
@@ -149,21 +176,66 @@ class ScoringConfig(Strict):
         return self.calibration_pool or 2 * self.n_samples
 
 
+class AntidoteConfig(Strict):
+    """Antidote (Huang et al., ICML 2025; defenses-spec §6): one-shot Wanda pruning of the fine-tuned adapter's
+    LoRA factors, scored on harmful calibration rows (prompt + harmful answer, every token counts)."""
+    density: float = Field(0.1, ge=0.0, le=1.0,
+                           description="the release's dense_ratio: the share of each factor row PRUNED (its "
+                                       "highest-scoring entries); 0 leaves the adapter unchanged")
+    calibration: Literal["pure_bad", "harmful_dev"] = Field(
+        "pure_bad", description="harmful rows to score on: pure_bad (111 rows, default: harmful_dev is the set "
+                                "knobs are chosen on) or harmful_dev (BeaverTails unsafe, the spec's first choice)")
+    n_samples: int = Field(128, ge=1, description="calibration rows (all of them when the set is smaller)")
+    max_length: int = Field(160, ge=16, description="tokens per calibration row (prompt + answer + EOS)")
+
+
+class RestaConfig(Strict):
+    """RESTA (Bhardwaj et al., ACL 2024; defenses-spec §7): θ = θ_sft + γ(θ_aligned − θ_unaligned), in LoRA deltas,
+    with optional DARE on the task delta τ = ΔW_t − ΔW_a."""
+    gamma: float = Field(1.0, ge=0.0, description="γ, the weight of the safety vector")
+    dare_rate: float = Field(0.0, ge=0.0, lt=1.0, description="DARE drop rate q on the task delta (0: no DARE, "
+                                                              "output stays an exact LoRA of rank 3r)")
+    dare_seed: int = Field(42, description="seed of the DARE drop masks")
+
+
+class UnalignConfig(TrainConfig):
+    """RESTA's unaligned model θ_u: the aligned adapter continued on harmful-only rows (stage 'unalign')."""
+    learning_rate: float = 2e-4
+    epochs: float = 2.0
+    max_length: int = 160
+    source: Literal["pure_bad", "beavertails"] = Field(
+        "pure_bad", description="harmful rows (must differ from data.poison_source: disjoint from the mix)")
+
+
 class RealignConfig(Strict):
-    method: Literal["nlsr", "safelora", "restore-modules"] = "nlsr"
+    method: RealignerName = Field("nlsr", description="the main realigner (variant 'realigned'); a name in "
+                                                      "nlsr.methods.REALIGNERS")
     layer_rate: float = Field(0.5, ge=0.0, le=1.0, description="P_L, the base layer pruning probability")
     epsilon: float = Field(0.2, ge=0.0, le=0.5)
     seed: int = 42
     direction: Literal["paper", "code"] = Field(
-        "paper", description="paper: low-similarity modules most likely patched; code: the release's inversion")
+        "paper", description="paper: low-similarity modules most likely patched; code: the release's inversion, "
+                             "tie order and float32 Bernoulli draw (bit-identical to the release)")
     safelora_tau: float = Field(0.6, ge=0.0, le=1.0)
-    baselines: list[Literal["safelora", "restore-modules"]] = Field(default_factory=lambda: ["safelora"])
+    baselines: list[RealignerName] = Field(
+        default_factory=lambda: ["safelora"],
+        description="further post-fine-tuning defenses, each a variant of the one fine-tuned adapter")
+    antidote: AntidoteConfig = AntidoteConfig()
+    resta: RestaConfig = RestaConfig()
+    unaligned: UnalignConfig = UnalignConfig()
 
     def settings(self, method: str) -> dict:
-        """The settings `method` reads: its artifact key and report hold only these, so a sweep over one method's
-        setting (e.g. safelora_tau) does not redo the others."""
-        names = ("safelora_tau",) if method == "safelora" else ("layer_rate", "epsilon", "seed", "direction")
-        return self.model_dump(include=set(names))
+        """The settings `method` reads (its registry entry's `settings`): its artifact key and report hold only
+        these, so a sweep over one method's setting (e.g. safelora_tau) does not redo the others."""
+        names = REALIGNERS.meta(method).get("settings", ())
+        out = self.model_dump(include=set(names))
+        if "direction" in out and out["direction"] == "code":
+            out["draw"] = "float32"  # the release's draw (a changed output, so a new key), see nlsr.realign
+        return out
+
+    def methods(self) -> list[str]:
+        """The main method first, then the baselines (without repeating it)."""
+        return [self.method] + [b for b in self.baselines if b != self.method]
 
     @model_validator(mode="after")
     def _range(self):
@@ -243,6 +315,18 @@ class ExperimentConfig(Strict):
     evaluation: EvaluationConfig = EvaluationConfig()
     defenses: DefensesConfig = DefensesConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _harmful_sets_disjoint(self):
+        """Post-fine-tuning defenses that read harmful rows must not read the poison rows of the mix."""
+        methods = self.realign.methods()
+        if "antidote" in methods and self.realign.antidote.calibration == self.data.poison_source:
+            raise ValueError(f"realign.antidote.calibration ({self.realign.antidote.calibration}) must differ from "
+                             f"data.poison_source: the calibration rows must be disjoint from the poison rows")
+        if "resta" in methods and self.realign.unaligned.source == self.data.poison_source:
+            raise ValueError(f"realign.unaligned.source ({self.realign.unaligned.source}) must differ from "
+                             f"data.poison_source: the unaligned model's rows must be disjoint from the mix")
+        return self
 
     @field_validator("artifact_root")
     @classmethod

@@ -339,11 +339,12 @@ def save_adapter(peft_model, out: str | Path, extra: dict | None = None) -> Path
 
 
 def save_adapter_weights(template: str | Path, weights: dict[str, torch.Tensor], out: str | Path,
-                         extra: dict | None = None) -> Path:
-    """Write modified adapter tensors next to a copy of `template`'s adapter_config (atomic)."""
+                         extra: dict | None = None, config_update: dict | None = None) -> Path:
+    """Write modified adapter tensors next to a copy of `template`'s adapter_config (atomic); `config_update`
+    changes config fields (RESTA's rank-stacked adapter has another rank and alpha)."""
     from safetensors.torch import save_file
     out = Path(out)
-    cfg = adapter_config(template)
+    cfg = {**adapter_config(template), **(config_update or {})}
     check_finite(weights, f"adapter for {out}")
     extra = with_base_fingerprint(extra, template)
     with atomic_dir(out, overwrite=True) as tmp:

@@ -36,7 +36,7 @@ from .modeling import adapter_config, adapter_weights, save_adapter_weights
 from .reference import factor_keys, lora_modules
 
 REPORT_NAME = "realign_report.json"
-METHODS = ("nlsr", "safelora", "restore-modules")
+METHODS = ("nlsr", "safelora", "restore-modules")  # the methods of this module (others: nlsr.methods.REALIGNERS)
 CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "use_dora", "use_rslora")
 
 
@@ -145,13 +145,41 @@ def prune_probabilities(similarities: list[float], layer_rate: float, epsilon: f
     return (layer_rate - epsilon + 2 * epsilon * norm).clamp(0.0, 1.0)
 
 
+def release_ranks(similarities: list[float]) -> torch.Tensor:
+    """The release's rank k_m in 0..N-1 (0 = least similar): a descending, unstable argsort of the float32
+    similarities, so near-equal similarities tie as they do there and ties fall in torch's order for that call
+    (for a few modules the earlier of two tied ones ranks higher; the ascending stable order gives the later)."""
+    t = torch.tensor(similarities, dtype=torch.float32)
+    order = torch.argsort(t, dim=0, descending=True)
+    ranks = torch.empty(len(similarities), dtype=torch.long)
+    ranks[order] = torch.arange(len(similarities) - 1, -1, -1)
+    return ranks
+
+
+def release_probabilities(similarities: list[float], layer_rate: float, epsilon: float) -> torch.Tensor:
+    """P_prune as the release computes it, in float32: ranking values N+1..2 by descending similarity,
+    min-max normalised, (P_L − ε) + norm·2ε, clipped. The float32 values are what torch.bernoulli must see for the
+    release's draws (from float64 probabilities the same seed gives unrelated draws)."""
+    n = len(similarities)
+    if n == 1:  # the release divides by a zero range here; one module gets P_L, as prune_probabilities gives
+        return torch.tensor([layer_rate], dtype=torch.float32).clamp(0.0, 1.0)
+    ranking = (release_ranks(similarities) + 2).to(torch.float32)
+    norm = (ranking - ranking.min()) / (ranking.max() - ranking.min())
+    return ((layer_rate - epsilon) + norm * (2 * epsilon)).clip(0, 1)
+
+
 def select_modules(similarities: list[float], cfg: RealignConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(patched bool, P_prune, P_patch) per module; one Bernoulli draw per module in module order."""
+    """(patched bool, P_prune, P_patch) per module; one Bernoulli draw per module in module order.
+
+    direction 'code' reproduces the release bit for bit on CPU: its tie order and float32 probabilities."""
+    generator = torch.Generator().manual_seed(cfg.seed)  # the CPU stream torch.manual_seed(seed) gives
+    if cfg.direction == "code":
+        p_prune = release_probabilities(similarities, cfg.layer_rate, cfg.epsilon)
+        gamma = torch.bernoulli(p_prune, generator=generator).bool()
+        return gamma, p_prune.double(), p_prune.double()
     p_prune = prune_probabilities(similarities, cfg.layer_rate, cfg.epsilon)
-    gamma = torch.bernoulli(p_prune, generator=torch.Generator().manual_seed(cfg.seed)).bool()
-    if cfg.direction == "paper":
-        return ~gamma, p_prune, 1.0 - p_prune
-    return gamma, p_prune, p_prune.clone()
+    gamma = torch.bernoulli(p_prune, generator=generator).bool()
+    return ~gamma, p_prune, 1.0 - p_prune
 
 
 # ---------------------------------------------------------------------------------------------- edits
@@ -179,7 +207,7 @@ def _selection_edits(ft_w, ref_w, masks, modules, cfg, full: bool):
     """nlsr (full=False) and restore-modules (full=True): similarity, selection, transplant."""
     sims = [masked_similarity(ft_w, ref_w, masks, name) for name in modules]
     patched, p_prune, p_patch = select_modules(sims, cfg)
-    ranks = similarity_ranks(sims)
+    ranks = release_ranks(sims) if cfg.direction == "code" else similarity_ranks(sims)
     new, rows = dict(ft_w), []
     for i, name in enumerate(modules):
         changed = masked = 0
@@ -255,6 +283,12 @@ def realign(base: Path | None, reference: Path, finetuned: Path, masks: Path | N
     report["wall_s"] = round(time.perf_counter() - start, 3)
     write_json(report, out / REPORT_NAME)
     return report
+
+
+def run_method(paths: dict[str, Path | None], cfg, out: Path, method: str) -> dict:
+    """The REALIGNERS entry point of nlsr, safelora and restore-modules (see nlsr.methods)."""
+    return realign(paths["base"], paths["reference"], paths["finetuned"], paths.get("masks"), cfg.realign, out,
+                   method=method)
 
 
 def read_report(out: Path) -> dict:

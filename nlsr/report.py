@@ -24,8 +24,9 @@ AXES = ("task", "poison_ratio", "alignment", "scorer", "realign")
 # column named by its dotted config key, and the summary keeps its values apart instead of averaging them.
 AXIS_COLUMNS = {"data.task": "task", "data.poison_ratio": "poison_ratio", "alignment.method": "alignment",
                 "scoring.method": "scorer", "realign.method": "realign"}
-VARIANT_ORDER = ("aligned", "finetuned", "realigned", "safelora", "restore-modules", "nlsr")
-ROW_FIELDS = ("name", *AXES, "seed", "data_seed", "variant", "harmful_score", "harmful_score_lo", "harmful_score_hi",
+VARIANT_ORDER = ("aligned", "finetuned", "realigned", "safelora", "restore-modules", "nlsr", "antidote", "resta",
+                 "resta-base")
+ROW_FIELDS = ("name", *AXES, "seed", "data_seed", "variant", "defense", "defense_stage", "harmful_score", "harmful_score_lo", "harmful_score_hi",
               "n_harmful", "task_accuracy", "task_accuracy_lo", "task_accuracy_hi", "n_task", "config_hash", "eval_key")
 SUMMARY_FIELDS = (*AXES, "variant", "n_seeds", "harmful_score", "harmful_score_lo", "harmful_score_hi", "harmful_std",
                   "task_accuracy", "task_accuracy_lo", "task_accuracy_hi", "accuracy_std")

@@ -34,6 +34,7 @@ from .config import ScoringConfig
 from .data import format_prompt
 from .errors import NLSRError
 from .integrity import check_finite
+from .methods import SCORERS
 from .modeling import load_adapter, load_model, load_tokenizer
 
 
@@ -55,14 +56,28 @@ def select_calibration(rows: list[dict], cfg: ScoringConfig) -> list[dict]:
     return rows[:cfg.n_samples]
 
 
-def encode_calibration(tokenizer, rows: list[dict], max_length: int, template: str = "alpaca"):
+def encode_calibration(tokenizer, rows: list[dict], max_length: int, template: str = "alpaca",
+                       fmt: str = "paper"):
     """[(input_ids 1×T, response 1×T bool)] as spec A1.4: Alpaca no-input prompt (BOS included), then the response
-    truncated to max_length tokens (its own BOS dropped); only response positions count."""
+    truncated to max_length tokens (its own BOS dropped); only response positions count.
+
+    fmt 'code' is the release's formatting (src/prune_regions/data.py): no newline after '### Response:', and the
+    response's first token is always dropped (Llama-3's BOS there; a real token for tokenizers without a BOS)."""
+    if fmt not in ("paper", "code"):
+        raise ScoringError(f"unknown calibration format {fmt!r} (scoring.calibration_format); expected 'paper' or "
+                           "'code'")
+    if fmt == "code" and template != "alpaca":
+        raise ScoringError("scoring.calibration_format 'code' is the release's Alpaca formatting; it needs "
+                           f"data.template 'alpaca', got {template!r}")
     samples = []
     for row in rows:
-        prompt = tokenizer(format_prompt(row["prompt"], "", template, tokenizer))["input_ids"]
-        response = tokenizer(row["response"], truncation=True, max_length=max_length)["input_ids"]
-        if response and tokenizer.bos_token_id is not None and response[0] == tokenizer.bos_token_id:
+        text = format_prompt(row["prompt"], "", template, tokenizer)
+        prompt = tokenizer(text[:-1] if fmt == "code" else text)["input_ids"]  # alpaca ends in "Response:\n"
+        if fmt == "code":
+            response = tokenizer(row["response"])["input_ids"][1:][:max_length]
+        else:
+            response = tokenizer(row["response"], truncation=True, max_length=max_length)["input_ids"]
+        if fmt == "paper" and response and tokenizer.bos_token_id is not None and response[0] == tokenizer.bos_token_id:
             response = response[1:]
         ids = torch.tensor([prompt + response])
         is_response = torch.zeros_like(ids, dtype=torch.bool)
@@ -350,15 +365,26 @@ def report_path(out: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------- entry point
 
-def compute_scores(peft_model, samples, cfg: ScoringConfig, device) -> tuple[dict[str, torch.Tensor], str]:
-    """({weight key: score}, granularity) for cfg.method."""
-    if cfg.method == "lowrank":
-        return {k: v.abs() for k, v in lowrank_project(peft_model, samples, cfg, device).items()}, cfg.granularity
-    if cfg.method == "wanda":
-        return wanda_scores(peft_model, samples, cfg, device), "row"
-    if cfg.method == "snip":
-        return snip_scores(peft_model, samples, device), "row"
+def lowrank_scores(peft_model, samples, cfg: ScoringConfig, device):
+    return {k: v.abs() for k, v in lowrank_project(peft_model, samples, cfg, device).items()}, cfg.granularity
+
+
+def wanda_entry(peft_model, samples, cfg: ScoringConfig, device):
+    return wanda_scores(peft_model, samples, cfg, device), "row"
+
+
+def snip_entry(peft_model, samples, cfg: ScoringConfig, device):
+    return snip_scores(peft_model, samples, device), "row"
+
+
+def random_entry(peft_model, samples, cfg: ScoringConfig, device):
     return random_scores(peft_model, cfg.seed), "row"
+
+
+def compute_scores(peft_model, samples, cfg: ScoringConfig, device) -> tuple[dict[str, torch.Tensor], str]:
+    """({weight key: score}, granularity) for cfg.method, looked up in nlsr.methods.SCORERS (an unknown name fails
+    with the valid ones: it used to run as 'random')."""
+    return SCORERS.get(cfg.method)(peft_model, samples, cfg, device)
 
 
 def score_neurons(base: Path, reference: Path, calibration: list[dict], cfg: ScoringConfig, out: Path,
@@ -374,12 +400,14 @@ def score_neurons(base: Path, reference: Path, calibration: list[dict], cfg: Sco
     dev = resolve_device(device)
     tok = load_tokenizer(base)
     rows = select_calibration(calibration, cfg)
-    samples = encode_calibration(tok, rows, cfg.max_length, template) if cfg.method != "random" else []
+    SCORERS.check(cfg.method)
+    samples = (encode_calibration(tok, rows, cfg.max_length, template, cfg.calibration_format)
+               if SCORERS.meta(cfg.method).get("calibration") else [])
     model = load_adapter(load_model(base, dtype, str(dev)), reference).eval()
     scores, granularity = compute_scores(model, samples, cfg, dev)
     masks = {k: keep_mask(s, cfg.sparsity, granularity) for k, s in sorted(scores.items())}
     meta = {"method": cfg.method, "sparsity": str(cfg.sparsity), "granularity": granularity,
-            "rank_rule": cfg.rank_rule, "reference": str(reference)}
+            "rank_rule": cfg.rank_rule, "calibration_format": cfg.calibration_format, "reference": str(reference)}
     save_masks(masks, Path(out), meta)
     kept = {k: round(m.float().mean().item(), 6) for k, m in masks.items()}
     report = {"stage": "score", **meta, "base": str(base), "out": str(out), "device": str(dev), "dtype": dtype,

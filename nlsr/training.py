@@ -23,8 +23,8 @@ from .atomic import atomic_dir
 from .config import ExperimentConfig, TrainConfig
 from .errors import NLSRError
 from .integrity import check_finite
+from .methods import ALIGNMENT
 
-METHODS = ("dpo", "orpo", "kto", "simpo", "sft")
 SFT_ADAPTER = "sft_adapter"   # inside the W0 folder: the safety-SFT LoRA before merging
 W0_INFO = "nlsr_w0.json"      # inside the W0 folder: which raw base it was merged from
 
@@ -100,45 +100,76 @@ def _sft_trainer(model, tok, rows: list[dict], tc: TrainConfig, cfg: ExperimentC
                                             processing_class=tok, peft_config=peft_config, **plug.kwargs)
 
 
-def _preference_trainer(method: str, model, tok, cfg: ExperimentConfig, workdir: str,
-                        plug: TrainerPlug | None = None):
-    """The trl trainer of one preference method, with a fresh LoRA on `model` (W0). `plug` swaps in a defense's
-    subclass of that method's trainer (Vaccine: of DPOTrainer)."""
+def _preference_rows(method: str, tok, cfg: ExperimentConfig):
     pc = cfg.alignment.preference
-    plug = plug or TrainerPlug()
-    common = {**_common_args(pc, cfg, workdir), **plug.args}
-    peft_config = _fresh_lora(model, cfg)
-    if method == "kto":
-        from trl import KTOConfig, KTOTrainer
-        rows = data.kto_set(pc.n_samples, cfg.data.template, tok)
-        _check_room(tok, [r["prompt"] for r in rows], pc, "KTO")
-        args = KTOConfig(**common, beta=pc.beta)
-        # reference = the adapter-disabled model (W0): exactly the paper's reference policy
-        return KTOTrainer(model=model, args=args, train_dataset=_dataset(rows, "KTO"), processing_class=tok,
-                          peft_config=peft_config)
     rows = data.preference_set(pc.n_samples, cfg.data.template, tok)
     _check_room(tok, [r["prompt"] for r in rows], pc, method)
-    train = _dataset(rows, f"{method} preference")
-    if method == "dpo":
-        from trl import DPOConfig, DPOTrainer
-        # Reference log-probs are computed on the fly with the adapter disabled: precomputing them costs the same
-        # forward passes over the whole set, more than the steps we train when max_steps < one epoch.
-        args = DPOConfig(**common, beta=pc.beta, loss_type=["sigmoid"])
-        return (plug.trainer_cls or DPOTrainer)(model=model, args=args, train_dataset=train, processing_class=tok,
-                                                peft_config=peft_config, **plug.kwargs)
-    if plug.trainer_cls is not None:
+    return _dataset(rows, f"{method} preference")
+
+
+def _no_trainer_swap(method: str, plug: TrainerPlug | None) -> TrainerPlug:
+    """The plug, checked: only DPO takes a defense's trainer subclass (Vaccine); its `args` apply to every method."""
+    plug = plug or TrainerPlug()
+    if plug.trainer_cls is not None and method != "dpo":
         raise TrainingError(f"alignment.method {method!r} cannot take a defense's trainer; only 'dpo' can")
-    if method == "orpo":
-        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-        args = ORPOConfig(**common, beta=pc.beta, remove_unused_columns=False)  # beta is ORPO's lambda
-        return ORPOTrainer(model=model, args=args, train_dataset=train, processing_class=tok, peft_config=peft_config)
-    if method == "simpo":
-        from trl.experimental.cpo import CPOConfig, CPOTrainer
-        # SimPO = CPO's simpo loss without the NLL term (cpo_alpha 0): reference-free, length-normalised
-        args = CPOConfig(**common, beta=pc.beta, loss_type="simpo", cpo_alpha=0.0, simpo_gamma=pc.simpo_gamma,
-                         remove_unused_columns=False)
-        return CPOTrainer(model=model, args=args, train_dataset=train, processing_class=tok, peft_config=peft_config)
-    raise TrainingError(f"unknown alignment.method {method!r}; expected one of {list(METHODS)}")
+    return plug
+
+
+# The alignment builders (nlsr.methods.ALIGNMENT): the trl trainer of one method, with a fresh LoRA on `model` (W0).
+# `plug` swaps in a defense's subclass of the method's trainer (Vaccine: of DPOTrainer) and adds trainer args.
+
+def kto_trainer(model, tok, cfg: ExperimentConfig, workdir: str, plug: TrainerPlug | None = None):
+    from trl import KTOConfig, KTOTrainer
+    plug = _no_trainer_swap("kto", plug)
+    pc = cfg.alignment.preference
+    rows = data.kto_set(pc.n_samples, cfg.data.template, tok)
+    _check_room(tok, [r["prompt"] for r in rows], pc, "KTO")
+    args = KTOConfig(**{**_common_args(pc, cfg, workdir), **plug.args}, beta=pc.beta)
+    # reference = the adapter-disabled model (W0): exactly the paper's reference policy
+    return KTOTrainer(model=model, args=args, train_dataset=_dataset(rows, "KTO"), processing_class=tok,
+                      peft_config=_fresh_lora(model, cfg))
+
+
+def dpo_trainer(model, tok, cfg: ExperimentConfig, workdir: str, plug: TrainerPlug | None = None):
+    from trl import DPOConfig, DPOTrainer
+    plug = _no_trainer_swap("dpo", plug)
+    pc = cfg.alignment.preference
+    peft_config = _fresh_lora(model, cfg)
+    # Reference log-probs are computed on the fly with the adapter disabled: precomputing them costs the same
+    # forward passes over the whole set, more than the steps we train when max_steps < one epoch.
+    args = DPOConfig(**{**_common_args(pc, cfg, workdir), **plug.args}, beta=pc.beta, loss_type=["sigmoid"])
+    return (plug.trainer_cls or DPOTrainer)(model=model, args=args, train_dataset=_preference_rows("dpo", tok, cfg),
+                                            processing_class=tok, peft_config=peft_config, **plug.kwargs)
+
+
+def orpo_trainer(model, tok, cfg: ExperimentConfig, workdir: str, plug: TrainerPlug | None = None):
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    plug = _no_trainer_swap("orpo", plug)
+    pc = cfg.alignment.preference
+    peft_config = _fresh_lora(model, cfg)
+    args = ORPOConfig(**{**_common_args(pc, cfg, workdir), **plug.args}, beta=pc.beta,  # beta is ORPO's lambda
+                      remove_unused_columns=False)
+    return ORPOTrainer(model=model, args=args, train_dataset=_preference_rows("orpo", tok, cfg), processing_class=tok,
+                       peft_config=peft_config)
+
+
+def simpo_trainer(model, tok, cfg: ExperimentConfig, workdir: str, plug: TrainerPlug | None = None):
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    plug = _no_trainer_swap("simpo", plug)
+    pc = cfg.alignment.preference
+    peft_config = _fresh_lora(model, cfg)
+    # SimPO = CPO's simpo loss without the NLL term (cpo_alpha 0): reference-free, length-normalised
+    args = CPOConfig(**{**_common_args(pc, cfg, workdir), **plug.args}, beta=pc.beta, loss_type="simpo",
+                     cpo_alpha=0.0, simpo_gamma=pc.simpo_gamma, remove_unused_columns=False)
+    return CPOTrainer(model=model, args=args, train_dataset=_preference_rows("simpo", tok, cfg), processing_class=tok,
+                      peft_config=peft_config)
+
+
+def _preference_trainer(method: str, model, tok, cfg: ExperimentConfig, workdir: str,
+                        plug: TrainerPlug | None = None):
+    """The trl trainer of one preference method (its ALIGNMENT builder), with a fresh LoRA on `model` (W0). `plug`
+    swaps in a defense's subclass of that method's trainer (Vaccine: of DPOTrainer)."""
+    return ALIGNMENT.get(method)(model, tok, cfg, workdir, plug)
 
 
 def _numbers(entry: dict) -> dict:
@@ -206,7 +237,7 @@ def raw_base_of(w0: Path) -> Path:
 
 def aligned_base(cfg: ExperimentConfig, w0: Path) -> Path:
     """The base the aligned adapter applies to: W0, except for method 'sft' (the SFT LoRA on the raw base)."""
-    return raw_base_of(w0) if cfg.alignment.method == "sft" else Path(w0)
+    return raw_base_of(w0) if ALIGNMENT.meta(cfg.alignment.method).get("raw_base") else Path(w0)
 
 
 def preference_align(cfg: ExperimentConfig, w0: Path, out: Path, plug: TrainerPlug | None = None,
@@ -218,11 +249,9 @@ def preference_align(cfg: ExperimentConfig, w0: Path, out: Path, plug: TrainerPl
     every method: W0, or the raw base for 'sft'. `aligned_base(cfg, w0)` gives the same answer.
     """
     t0 = time.time()
-    method = cfg.alignment.method
-    if method not in METHODS:
-        raise TrainingError(f"unknown alignment.method {method!r}; expected one of {list(METHODS)}")
+    method = ALIGNMENT.check(cfg.alignment.method)
     w0 = Path(w0)
-    if method == "sft":
+    if ALIGNMENT.meta(method).get("raw_base"):
         return _copy_sft_adapter(w0, out, t0)
     model, tok = _load(w0, cfg)
     modeling.set_seed(cfg.seed)

@@ -10,22 +10,19 @@ keeps a docstring edit from invalidating hours of GPU work.
 """
 from __future__ import annotations
 
-import hashlib
 from importlib import metadata
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from nlsr import dag
 from nlsr.artifacts import stage_key
 from nlsr.config import ExperimentConfig, stable_hash
-from nlsr.data import is_prompt_file
-from nlsr.judges.registry import judge_identity
 
-STAGE_VERSIONS: dict[str, int] = {
-    "poison": 1, "sft": 1, "align": 1, "reference": 1, "score": 1, "finetune": 1, "realign": 1,
-    "evaluate": 1, "report": 3,
-}
+STAGE_VERSIONS = dag.STAGE_VERSIONS  # the versions live with the DAG description (nlsr.dag.STAGES)
 STAGES = tuple(STAGE_VERSIONS)
+stage_config = dag.stage_config
+variant_name = dag.variant_name
 
 
 class Node(BaseModel):
@@ -56,47 +53,6 @@ def model_key(cfg: ExperimentConfig) -> str:
     return stable_hash(model_identity(cfg))
 
 
-def stage_config(stage: str, cfg: ExperimentConfig, method: str | None = None) -> dict:
-    """The part of the config a stage reads (mirrors what nlsr.training / scoring / ... use).
-
-    Device is left out on purpose: an artifact computed on a GPU is reused on a CPU and vice versa.
-    """
-    common = {"dtype": cfg.model.dtype, "template": cfg.data.template, "seed": cfg.seed}
-    a, d = cfg.alignment, cfg.data
-    if stage == "poison":
-        return d.model_dump(include={"task", "n", "poison_ratio", "poison_source", "seed"})
-    if stage == "sft":
-        out = {**common, "lora": cfg.lora.model_dump(), "sft": a.sft.model_dump(), "harmless_mix": a.harmless_mix}
-        if a.harmless_mix > 0:  # harmless rows come from the task: only then does the task matter
-            out["task"] = d.task
-        return out
-    if stage == "align":
-        return {**common, "method": a.method, "lora": cfg.lora.model_dump(),
-                "preference": a.preference.model_dump() if a.method != "sft" else None}
-    if stage == "reference":
-        return cfg.reference.model_dump()
-    if stage == "score":
-        sc, ev = cfg.scoring, cfg.evaluation
-        if sc.calibration == "safe":  # shipped answers: the generation settings and the judge are not read
-            return {"dtype": cfg.model.dtype, "template": d.template,
-                    "scoring": sc.model_dump(exclude={"calibration_pool", "calibration_max_new_tokens"})}
-        return {"dtype": cfg.model.dtype, "template": d.template, "scoring": sc.model_dump(),
-                "judge": {"name": ev.judge, "path": ev.judge_path, "batch_size": ev.batch_size,
-                          "identity": judge_identity(ev.judge, ev.judge_path)}}
-    if stage == "finetune":
-        return {**common, "lora": cfg.lora.model_dump(), "finetune": cfg.finetune.model_dump()}
-    if stage == "realign":
-        return {"method": method, "realign": cfg.realign.settings(method)}
-    if stage == "evaluate":
-        # The judge's identity (name + weights hash): new judge weights -> new evaluations.
-        out = {**common, "task": d.task, "evaluation": cfg.evaluation.model_dump(),
-               "judge_identity": judge_identity(cfg.evaluation.judge, cfg.evaluation.judge_path)}
-        if is_prompt_file(cfg.evaluation.harmful_set):  # a user's file: its content, not its name, is the input
-            out["harmful_set_sha256"] = hashlib.sha256(Path(cfg.evaluation.harmful_set).read_bytes()).hexdigest()
-        return out
-    raise KeyError(f"unknown stage {stage!r}; expected one of {list(STAGES)}")
-
-
 def key_for(stage: str, cfg: ExperimentConfig, inputs: dict[str, str | None], method: str | None = None) -> str:
     return stage_key(stage, STAGE_VERSIONS[stage], stage_config(stage, cfg, method), inputs)
 
@@ -119,43 +75,23 @@ def report_key(cfg: ExperimentConfig, evals: dict[str, str]) -> str:
 
 def realign_methods(cfg: ExperimentConfig) -> list[str]:
     """The realignment method first, then the baselines (without repeating it)."""
-    return [cfg.realign.method] + [b for b in cfg.realign.baselines if b != cfg.realign.method]
-
-
-def variant_name(cfg: ExperimentConfig, method: str) -> str:
-    return "realigned" if method == cfg.realign.method else method
+    return cfg.realign.methods()
 
 
 def plan(cfg: ExperimentConfig) -> dict[str, Node]:
-    """Every stage of one cell with its key, in execution order (the DAG of flows/cell.py)."""
+    """Every step of one cell (`nlsr.dag.steps`) with its key, in execution order; stage → key for any config.
+    flows/cell.run_dag checks that the keys its tasks compute are exactly these."""
+    keys = {"base": model_key(cfg)}
     nodes: dict[str, Node] = {}
-
-    def add(label, stage, inputs, method=None):
-        nodes[label] = Node(label=label, stage=stage, key=key_for(stage, cfg, inputs, method), inputs=inputs,
-                            method=method)
-        return nodes[label].key
-
-    base = model_key(cfg)
-    poison = add("poison", "poison", {})
-    sft = add("sft", "sft", {"base": base})
-    # The aligned adapter sits on W0 (the SFT-merged base), except for method 'sft': the SFT LoRA on the raw base.
-    wbase = base if cfg.alignment.method == "sft" else sft
-    align = add("align", "align", {"w0": sft})
-    reference = add("reference", "reference", {"aligned": align})
-    score = add("score", "score", {"base": wbase, "reference": reference})
-    if cfg.finetune.aligned:
-        finetune = add("finetune", "finetune", {"base": wbase, "adapter": align, "mix": poison})
-    else:  # the 'Non-Aligned' baseline: a fresh LoRA on the raw base, nothing to realign
-        finetune = add("finetune", "finetune", {"base": base, "adapter": None, "mix": poison})
-    evals = {"aligned": add("evaluate:aligned", "evaluate", {"base": wbase, "adapter": align})}
-    evals["finetuned"] = add("evaluate:finetuned", "evaluate",
-                             {"base": wbase if cfg.finetune.aligned else base, "adapter": finetune})
-    if cfg.finetune.aligned:
-        for m in realign_methods(cfg):
-            inputs = {"base": wbase, "reference": reference, "finetuned": finetune,
-                      "masks": score if m == "nlsr" else None}
-            realigned = add(f"realign:{m}", "realign", inputs, method=m)
-            v = variant_name(cfg, m)
-            evals[v] = add(f"evaluate:{v}", "evaluate", {"base": wbase, "adapter": realigned})
-    nodes["report"] = Node(label="report", stage="report", key=report_key(cfg, evals), inputs=evals)
+    for step in dag.steps(cfg):
+        inputs = {name: keys[src] if src else None for name, src in step.inputs.items()}
+        key = (report_key(cfg, inputs) if step.stage == "report"
+               else key_for(step.stage, cfg, inputs, step.method))
+        nodes[step.label] = Node(label=step.label, stage=step.stage, key=key, inputs=inputs, method=step.method)
+        keys[step.label] = key
     return nodes
+
+
+def stage_keys(cfg: ExperimentConfig) -> dict[str, str]:
+    """{step label: artifact key} of one cell, e.g. {'poison': ..., 'realign:safelora': ..., 'report': ...}."""
+    return {label: node.key for label, node in plan(cfg).items()}

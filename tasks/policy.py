@@ -32,8 +32,15 @@ class InjectedFailure(RuntimeError):
 
 
 def stage_inputs(params: dict[str, Any]) -> dict[str, str | None]:
-    """Input keys of a stage call, by parameter name: every parameter except cfg and method is a Ref (or None)."""
-    return {k: (v.key if isinstance(v, Ref) else None) for k, v in params.items() if k not in ("cfg", "method")}
+    """Input keys of a stage call, by parameter name: every parameter except cfg and method is a Ref (or None);
+    a realigner's `inputs` dict counts as its own parameters."""
+    flat: dict[str, Any] = {}
+    for k, v in params.items():
+        if k == "inputs" and isinstance(v, dict):
+            flat.update(v)
+        elif k not in ("cfg", "method"):
+            flat[k] = v
+    return {k: (v.key if isinstance(v, Ref) else None) for k, v in flat.items()}
 
 
 def call_key(stage: str, params: dict[str, Any]) -> str:

@@ -23,13 +23,12 @@ from prefect.logging import get_run_logger
 
 from nlsr.artifacts import ArtifactStore, Ref
 from nlsr.config import ExperimentConfig
+from nlsr.dag import MASKS_FILE, MIX_FILE, Step, artifact_path, run_step, variants  # noqa: F401 (re-exported)
 
 from .keys import STAGE_VERSIONS, cell_descriptor, model_key, stage_config
 from .policy import bind, call_key, maybe_fail, retry_transient, stage_inputs
 
-MIX_FILE = "mix.jsonl"
 STAGE_NOTE = "nlsr stage: "
-MASKS_FILE = "masks.safetensors"
 RETRY = dict(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
 
 
@@ -93,84 +92,77 @@ def base(cfg: ExperimentConfig) -> Ref:
         raise
 
 
+def _paths(refs: dict[str, Ref | None]) -> dict[str, Path | None]:
+    """Input Refs as the paths the library reads (the file itself for one-file stages: mix, masks)."""
+    return {name: artifact_path(r.stage, Path(r.path)) if r is not None else None for name, r in refs.items()}
+
+
+def _library(stage: str, cfg: ExperimentConfig, refs: dict[str, Ref | None], method: str | None = None,
+             judge: Callable | None = None) -> Callable[[Path], dict]:
+    """The stage's library body (nlsr.dag.run_step), the same one the benchmark runs. `judge` is called inside the
+    body only, so a cache hit never builds a judge."""
+    step = Step(label=stage, stage=stage, inputs={k: k for k in refs}, method=method)
+    return lambda out: run_step(step, cfg, _paths(refs), out, judge=judge() if judge else None)
+
+
 @task(name="poison", **RETRY)
 def poison(cfg: ExperimentConfig) -> Ref:
-    def body(out: Path) -> dict:
-        from nlsr.data import poison_mix, write_jsonl
-        d = cfg.data
-        rows = poison_mix(d.task, d.n, d.poison_ratio, d.seed, d.poison_source)
-        write_jsonl(rows, out / MIX_FILE)
-        return {"n_rows": len(rows), "n_unsafe": sum(r["flag"] == "unsafe" for r in rows)}
-    return run_stage("poison", {"cfg": cfg}, body)
+    return run_stage("poison", {"cfg": cfg}, _library("poison", cfg, {}))
 
 
 @task(name="sft", **RETRY)
 def sft(cfg: ExperimentConfig, base: Ref) -> Ref:
     """Alignment, part 1: safety SFT merged into the base (W0)."""
-    def body(out: Path) -> dict:
-        from nlsr.training import safety_sft
-        return safety_sft(cfg, Path(base.path), out)
-    return run_stage("sft", {"cfg": cfg, "base": base}, body)
+    return run_stage("sft", {"cfg": cfg, "base": base}, _library("sft", cfg, {"base": base}))
 
 
 @task(name="align", **RETRY)
 def align(cfg: ExperimentConfig, w0: Ref) -> Ref:
     """Alignment, part 2: the aligned LoRA adapter (cfg.alignment.method) on W0."""
-    def body(out: Path) -> dict:
-        from nlsr.training import preference_align
-        return preference_align(cfg, Path(w0.path), out)
-    return run_stage("align", {"cfg": cfg, "w0": w0}, body)
+    return run_stage("align", {"cfg": cfg, "w0": w0}, _library("align", cfg, {"w0": w0}))
 
 
 @task(name="reference", **RETRY)
 def reference(cfg: ExperimentConfig, aligned: Ref) -> Ref:
-    def body(out: Path) -> dict:
-        from nlsr.reference import build_reference
-        return build_reference(Path(aligned.path), out, cfg.reference)
-    return run_stage("reference", {"cfg": cfg, "aligned": aligned}, body)
+    return run_stage("reference", {"cfg": cfg, "aligned": aligned}, _library("reference", cfg, {"aligned": aligned}))
 
 
 @task(name="score", **RETRY)
 def score(cfg: ExperimentConfig, base: Ref, reference: Ref) -> Ref:
     """Safety-critical neuron masks from the reference adapter and the calibration set."""
-    def body(out: Path) -> dict:
-        from nlsr.calibration import calibration_rows
-        from nlsr.scoring import score_neurons
-        rows, info = calibration_rows(cfg, Path(base.path), Path(reference.path), save_to=out.parent)
-        return score_neurons(Path(base.path), Path(reference.path), rows, cfg.scoring, out,
-                             template=cfg.data.template, device=cfg.model.device, dtype=cfg.model.dtype, extra=info)
-    return run_stage("score", {"cfg": cfg, "base": base, "reference": reference}, body, output=MASKS_FILE)
+    refs = {"base": base, "reference": reference}
+    return run_stage("score", {"cfg": cfg, **refs}, _library("score", cfg, refs), output=MASKS_FILE)
 
 
 @task(name="finetune", **RETRY)
-def finetune(cfg: ExperimentConfig, base: Ref, adapter: Ref | None, mix: Ref) -> Ref:
-    """Harmful fine-tuning on the poisoned mix, continuing the aligned adapter (adapter None: Non-Aligned)."""
-    def body(out: Path) -> dict:
-        from nlsr.training import finetune as train
-        return train(cfg, Path(base.path), Path(adapter.path) if adapter else None, mix.file(MIX_FILE), out)
-    return run_stage("finetune", {"cfg": cfg, "base": base, "adapter": adapter, "mix": mix}, body)
+def finetune(cfg: ExperimentConfig, base: Ref, adapter: Ref | None, mix: Ref, method: str | None = None) -> Ref:
+    """Harmful fine-tuning on the poisoned mix, continuing the aligned adapter (adapter None: Non-Aligned);
+    `method` names a fine-tuning-stage defense (nlsr.methods.FINETUNE_DEFENSES), None the undefended attack."""
+    refs = {"base": base, "adapter": adapter, "mix": mix}
+    params = {"cfg": cfg, **refs, **({"method": method} if method else {})}
+    return run_stage("finetune", params, _library("finetune", cfg, refs, method))
+
+
+@task(name="unalign", **RETRY)
+def unalign(cfg: ExperimentConfig, base: Ref, adapter: Ref) -> Ref:
+    """RESTA's unaligned adapter: the aligned adapter continued on harmful-only rows."""
+    refs = {"base": base, "adapter": adapter}
+    return run_stage("unalign", {"cfg": cfg, **refs}, _library("unalign", cfg, refs))
 
 
 @task(name="realign", **RETRY)
-def realign(cfg: ExperimentConfig, base: Ref, reference: Ref, finetuned: Ref, masks: Ref | None,
-            method: str) -> Ref:
-    """NLSR (masks required) or a post-fine-tuning baseline (safelora, restore-modules)."""
-    def body(out: Path) -> dict:
-        from nlsr.realign import realign as run
-        return run(Path(base.path), Path(reference.path), Path(finetuned.path),
-                   masks.file(MASKS_FILE) if masks else None, cfg.realign, out, method=method)
-    params = {"cfg": cfg, "base": base, "reference": reference, "finetuned": finetuned, "masks": masks,
-              "method": method}
-    return run_stage("realign", params, body)
+def realign(cfg: ExperimentConfig, method: str, inputs: dict[str, Ref | None]) -> Ref:
+    """A post-fine-tuning defense (nlsr.methods.REALIGNERS) on the fine-tuned adapter; `inputs` by the names its
+    registry entry gives (NLSR: base, reference, finetuned, masks)."""
+    return run_stage("realign", {"cfg": cfg, "method": method, "inputs": inputs},
+                     _library("realign", cfg, inputs, method))
 
 
 @task(name="evaluate", **RETRY)
 def evaluate(cfg: ExperimentConfig, base: Ref, adapter: Ref | None) -> Ref:
     """Harmful score and task accuracy of base + adapter (metrics.json, samples.jsonl with verdicts)."""
-    def body(out: Path) -> dict:
-        from nlsr.evaluation import evaluate as run
-        return run(cfg, Path(base.path), Path(adapter.path) if adapter else None, out, judge=_judge(cfg))
-    return run_stage("evaluate", {"cfg": cfg, "base": base, "adapter": adapter}, body)
+    refs = {"base": base, "adapter": adapter}
+    return run_stage("evaluate", {"cfg": cfg, **refs}, _library("evaluate", cfg, refs, judge=lambda: _judge(cfg)))
 
 
 def _judge(cfg: ExperimentConfig):
@@ -199,6 +191,8 @@ def report(cfg: ExperimentConfig, evals: dict[str, Ref]) -> Ref:
                   for v, r in evals.items()}
         rows = rep.cell_rows(cell_descriptor(cfg), {v: r.metrics for v, r in evals.items()},
                              {v: r.key for v, r in evals.items()}, judged)
+        defenses = variants(cfg)  # each row names its defense and the stage the defense acts at
+        rows = [{**r, **defenses.get(r["variant"], {})} for r in rows]
         rep.write_results(rows, out, title=cfg.name)
         (out / "rows.json").write_text(json.dumps(rows, indent=2))
         return {"rows": rows}
@@ -206,7 +200,7 @@ def report(cfg: ExperimentConfig, evals: dict[str, Ref]) -> Ref:
 
 
 STAGE_TASKS = {"poison": poison, "sft": sft, "align": align, "reference": reference, "score": score,
-               "finetune": finetune, "realign": realign, "evaluate": evaluate, "report": report}
+               "finetune": finetune, "unalign": unalign, "realign": realign, "evaluate": evaluate, "report": report}
 
 
 def bound(root: str | Path) -> dict:

@@ -55,12 +55,15 @@ READERS: dict[str, set[str] | None] = {
     # but the variant "realigned" now evaluates another adapter
     "realign.method": {"evaluate:realigned"},
     "realign.baselines": set(),       # changes which baselines exist, not the keys of the others (see below)
+    "finetune.defenses": set(),       # the same for the fine-tuning-stage defenses
     "realign.layer_rate": NLSR_REALIGN, "realign.epsilon": NLSR_REALIGN, "realign.seed": NLSR_REALIGN,
     "realign.direction": NLSR_REALIGN,
     "realign.safelora_tau": {"realign:safelora"},
+    # Antidote's and RESTA's settings: read only when they are evaluated (see VARIANTS)
+    "realign.antidote": set(), "realign.resta": set(), "realign.unaligned": set(),
     "evaluation": {"evaluate"},
-    # the training-stage defenses' knobs (nlsr/defenses): read only by their own stages, which cells wire in
-    # once the DAG has them; today they change no stage key
+    # the training-stage defenses' knobs (nlsr/defenses): read only by their own finetune:<d> step, when
+    # finetune.defenses lists it (see VARIANTS); Vaccine acts at the alignment stage, which no cell runs yet
     "defenses": set(),
 }
 
@@ -72,6 +75,12 @@ VARIANTS = [
       "evaluation.judge_path": {"score", "evaluate"}}),
     (["model.source=local", f"model.path={ROOT / 'tests'}"], {"model.path": {"sft"}, "model.tiny": set()}),
     (["alignment.harmless_mix=0.25"], {"data.task": {"poison", "sft", "evaluate"}}),
+    (['realign.baselines=["safelora","antidote","resta"]'],
+     {"realign.antidote": {"realign:antidote"}, "realign.resta": {"realign:resta"},
+      "realign.unaligned": {"unalign"}}),
+    (['finetune.defenses=["vlguard","lisa","constrained-sft"]'],
+     {"defenses.vlguard": {"finetune:vlguard"}, "defenses.lisa": {"finetune:lisa"},
+      "defenses.constrained_sft": {"finetune:constrained-sft"}}),
 ]
 
 
@@ -100,12 +109,36 @@ def annotation(path: str):
     return model.model_fields[name].annotation
 
 
+def registry_names(path: str) -> tuple[str, ...] | None:
+    """The names of the method registry that validates `path` (an AfterValidator(<Registry>.check), possibly inside
+    a list), or None."""
+    model = ExperimentConfig
+    *parents, name = path.split(".")
+    for part in parents:
+        model = model.model_fields[part].annotation
+    field = model.model_fields[name]
+    metadata = list(field.metadata)
+    for arg in typing.get_args(field.annotation):
+        metadata += list(getattr(arg, "__metadata__", ()))
+    for m in metadata:
+        check = getattr(m, "func", None)
+        owner = getattr(check, "__self__", None)
+        if owner is not None and hasattr(owner, "names"):
+            return owner.names()
+    return None
+
+
 def candidates(path: str, value) -> list:
     """Values to try instead of `value`, most natural first (validation picks the first that passes)."""
     if path == "evaluation.judge":  # a registered judge: the registry, not a Literal, lists the names
         from nlsr.judges import judge_names
         return [name for name in judge_names() if name != value]
     ann = annotation(path)
+    registered = registry_names(path)
+    if registered is not None:  # a method family (nlsr.methods): the registry, not a Literal, lists the names
+        if isinstance(value, list):
+            return [value[:1], value + [x for x in registered if x not in value][:1], []]
+        return [name for name in registered if name != value]
     args = [a for a in typing.get_args(ann) if a is not type(None)]
     literals = [x for a in [ann, *args] if typing.get_origin(a) is typing.Literal for x in typing.get_args(a)]
     if literals and not isinstance(value, list):
@@ -123,7 +156,9 @@ def candidates(path: str, value) -> list:
     return ["cpu" if value != "cpu" else "cuda", f"{value}-changed", "/tmp/elsewhere"]
 
 
-def changed_cfg(base_overrides: list[str], path: str, base: ExperimentConfig) -> ExperimentConfig:
+def changed_cfg(base_overrides: list[str], path: str, base: ExperimentConfig, strict: bool = True
+                ) -> ExperimentConfig | None:
+    """`base` with `path` changed; None (strict False) when no candidate is valid in this setting."""
     import json
     value = get(base, path)
     for cand in candidates(path, value):
@@ -133,6 +168,8 @@ def changed_cfg(base_overrides: list[str], path: str, base: ExperimentConfig) ->
             return load_config(SMOKE, [*base_overrides, f"{path}={json.dumps(cand)}"])
         except ConfigError:
             continue
+    if not strict:
+        return None
     raise AssertionError(f"no valid change found for {path} (value {value!r}): extend candidates()")
 
 
@@ -158,9 +195,10 @@ def expected_changes(nodes: dict, direct: set[str]) -> set[str]:
 
 
 CASES = [([], {})] + VARIANTS
+NO_CHANGE_WITH_RESTA = {"data.poison_source", "realign.unaligned.source"}
 
 
-@pytest.mark.parametrize("base_overrides, extra", CASES, ids=["smoke", "calibration", "local", "harmless"])
+@pytest.mark.parametrize("base_overrides, extra", CASES, ids=["smoke", "calibration", "local", "harmless", "antidote-resta", "defenses"])
 def test_every_field_changes_exactly_the_keys_of_its_readers(base_overrides, extra):
     base = load_config(SMOKE, base_overrides)
     before = plan(base)
@@ -168,7 +206,12 @@ def test_every_field_changes_exactly_the_keys_of_its_readers(base_overrides, ext
     assert len(fields) > 60
     problems = []
     for path in fields:
-        after = plan(changed_cfg(base_overrides, path, base))
+        # with RESTA evaluated, data.poison_source and realign.unaligned.source must differ and each has two
+        # values: neither can change alone there (the smoke case covers both)
+        changed = changed_cfg(base_overrides, path, base, strict=not (base_overrides and path in NO_CHANGE_WITH_RESTA))
+        if changed is None:
+            continue
+        after = plan(changed)
         if set(after) != set(before):  # the DAG's shape changed (methods, baselines, Non-Aligned)
             common = set(after) & set(before)
             changed = {label for label in common if after[label].key != before[label].key}

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from nlsr import data, modeling, training
 from nlsr.config import ConfigError, load_config
+from nlsr.registry import UnknownMethod
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tiny tokenizer spends ~100 tokens on the Alpaca prompt: smoke.yaml's 64 would truncate every response away.
@@ -173,7 +174,7 @@ def test_unknown_method_fails_clearly(w0, tmp_path):
         smoke("alignment.method=ppo")
     cfg = smoke()
     bad = cfg.model_copy(update={"alignment": cfg.alignment.model_copy(update={"method": "ppo"})})
-    with pytest.raises(training.TrainingError, match="unknown alignment.method 'ppo'"):
+    with pytest.raises(UnknownMethod, match=r"unknown alignment method 'ppo' \(alignment.method\); expected one of \['dpo'"):
         training.preference_align(bad, w0[0], tmp_path / "x")
     assert not (tmp_path / "x").exists()
 

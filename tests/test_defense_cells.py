@@ -1,0 +1,89 @@
+"""Every defense in a cell on the tiny model (the CI smoke grid configs/grids/smoke-defenses.yaml), and a dummy
+post-fine-tuning defense added with one module and one registry entry (tests/dummy_realigner.py).
+
+Real Prefect and MLflow, nothing mocked; grouped with tests/test_flows.py on one xdist worker (one Prefect server).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from nlsr.artifacts import ArtifactStore
+from nlsr.config import load_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = ROOT / "configs" / "grids" / "smoke-defenses.yaml"
+POST = {"realigned", "safelora", "restore-modules", "antidote", "resta", "resta-base"}
+
+pytestmark = pytest.mark.xdist_group("prefect")
+
+
+@pytest.fixture(scope="module")
+def smoke_grid(tmp_path_factory):
+    from flows.cli import main
+    root = tmp_path_factory.mktemp("defenses-runs")
+    assert main(["grid", str(GRID), "--set", f"artifact_root={root}"]) == 0
+    cells = load_grid(GRID).cells(GRID.parent, [f"artifact_root={root}"])
+    return {"root": root, "cfg": cells[0], "cells": cells}
+
+
+def test_every_defense_runs_in_the_cell(smoke_grid):
+    from nlsr.report import read_csv
+    from tasks.keys import plan
+    root, cfg = smoke_grid["root"], smoke_grid["cfg"]
+    nodes, store = plan(cfg), ArtifactStore(root)
+    assert all(store.done(n.stage, n.key) for n in nodes.values())
+    assert {"unalign", "finetune:non-aligned", "realign:antidote", "realign:resta"} <= set(nodes)
+    rows = read_csv(root / "grids" / "smoke-defenses" / "results.csv")
+    assert len(rows) == 2 * 9
+    by_variant = {r["variant"]: r for r in rows}
+    assert set(by_variant) == {"aligned", "finetuned", "non-aligned"} | POST
+    stages = {v: r["defense_stage"] for v, r in by_variant.items()}
+    assert stages["aligned"] == "alignment" and stages["non-aligned"] == "fine-tuning"
+    assert all(stages[v] == "post-fine-tuning" for v in POST)
+    assert by_variant["realigned"]["defense"] == "nlsr" and by_variant["antidote"]["defense"] == "antidote"
+    assert all(r["harmful_score"] is not None and r["task_accuracy"] is not None for r in rows)
+    # Antidote and RESTA consume the one fine-tuned adapter; Non-Aligned trains its own on the raw base
+    assert nodes["realign:antidote"].inputs["finetuned"] == nodes["finetune"].key
+    assert nodes["realign:resta"].inputs["unaligned"] == nodes["unalign"].key
+    assert nodes["finetune:non-aligned"].inputs["adapter"] is None
+    other = plan(smoke_grid["cells"][1])  # the density sweep's second cell shares everything but Antidote
+    assert {k for k in nodes if nodes[k].key != other[k].key} == {"realign:antidote", "evaluate:antidote", "report"}
+
+
+def test_mlflow_logs_each_defense(smoke_grid):
+    from tasks.tracking import client, tracking_uri
+    cfg = smoke_grid["cfg"]
+    mlc = client(tracking_uri(cfg))
+    runs = [r for e in mlc.search_experiments() for r in mlc.search_runs([e.experiment_id],
+                                                                        "tags.`nlsr.kind` = 'cell'")]
+    assert len(runs) == 2
+    for run in runs:
+        m = run.data.metrics
+        for v in POST | {"non-aligned"}:
+            assert f"{v}/harmful_score" in m, v
+        assert "realign/antidote/pruned_fraction" in m and "realign/resta/n_patched" in m
+
+
+def test_a_dummy_defense_is_one_module_and_one_entry(smoke_grid):
+    """Importing the dummy module registers it; a cell then evaluates it beside the others, reusing every shared
+    stage. Its adapter is the fine-tuned one, so its scores are the fine-tuned model's."""
+    import dummy_realigner  # noqa: F401  (registers 'dummy-copy')
+    from flows.cell import cell
+    from nlsr.methods import REALIGNERS
+    root, cfg = smoke_grid["root"], smoke_grid["cfg"]
+    try:
+        baselines = ", ".join([*cfg.realign.baselines, "dummy-copy"])
+        dummy = load_grid(GRID).cells(GRID.parent, [f"artifact_root={root}", f"realign.baselines=[{baselines}]"])[0]
+        store = ArtifactStore(root)
+        before = Counter(e["stage"] for e in store.events() if e["event"] == "computed")
+        rows = {r["variant"]: r for r in cell(dummy)}
+        after = Counter(e["stage"] for e in store.events() if e["event"] == "computed")
+        assert after - before == Counter({"realign": 1, "evaluate": 1, "report": 1})
+        assert rows["dummy-copy"]["defense_stage"] == "post-fine-tuning"
+        assert rows["dummy-copy"]["harmful_score"] == rows["finetuned"]["harmful_score"]
+        assert rows["dummy-copy"]["task_accuracy"] == rows["finetuned"]["task_accuracy"]
+    finally:
+        REALIGNERS.unregister("dummy-copy")
