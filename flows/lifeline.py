@@ -3,20 +3,26 @@
 Prefect's temporary API server (uvicorn, ~200 MB and a port) is a child of `nlsr run`; Prefect stops it from an
 atexit hook, which a SIGKILL never runs. `watch()` starts a tiny watchdog process that polls its parent and,
 once the parent is gone (the watchdog is re-parented), terminates the server: a given pid (its process group for
-servers started in a session of their own), or every child of the parent whose command line contains `match`,
-as seen while the parent lived (Linux /proc), which also covers a kill during the server's start-up. Polling
-rather than PR_SET_PDEATHSIG: the server is started by Prefect's code, not ours.
+servers started in a session of their own), or every process whose command line contains `match` and whose
+environment carries this parent's lifeline token (Linux /proc). The token is put into `os.environ` before the
+server is spawned, so every process the parent starts afterwards inherits it: nothing has to be seen while the
+parent lives, which closes the race of a kill during the server's start-up or before the watchdog's first scan
+(the cause of the orphans in 2 of 4 CI runs of the first, children-scanning version). Polling rather than
+PR_SET_PDEATHSIG: the server is started by Prefect's code, not ours.
 """
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import uuid
 
 POLL_S = 0.5
+TOKEN_VAR = "NLSR_LIFELINE"  # the environment variable that marks the processes a parent started after watch()
 
 _WATCHDOG = r"""
 import os, signal, sys, time
+TOKEN_VAR = "NLSR_LIFELINE"
 parent, pid, group, match, poll = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4], float(sys.argv[5])
 
 def alive(p):
@@ -35,30 +41,32 @@ def cmdline(p):
     except OSError:
         return ""
 
-def children():
-    out = set()
+def marked():
+    # processes (not this one) started by the parent after watch(): their environment holds the token
+    out = []
     for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not name.isdigit():
+        if not name.isdigit() or int(name) == os.getpid():
             continue
         try:
-            with open(f"/proc/{name}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            with open(f"/proc/{name}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+        except OSError:
             continue
-        if int(fields[1]) == parent:  # state, ppid, ...
-            out.add(int(name))
+        if token in env and match in cmdline(int(name)):
+            out.append(int(name))
     return out
 
-known, last_scan = set(), 0.0
+token = ("%s=%s" % (TOKEN_VAR, sys.argv[6])).encode()
 while os.getppid() == parent:
-    # scanning /proc costs a few ms: every poll until the server is seen, then every 10 s (a restarted server)
-    if match and (not known or time.monotonic() - last_scan > 10):
-        known |= {c for c in children() if match in cmdline(c)}
-        last_scan = time.monotonic()
-    elif not match and not alive(pid):
+    if not match and not alive(pid):
         sys.exit(0)
     time.sleep(poll)
-targets = [p for p in known if alive(p) and match in cmdline(p)] if match else [pid]
+targets = [pid]
+if match:  # a few scans: a server forked but not yet exec'd shows its environment (and command line) only after exec
+    targets = set()
+    for _ in range(4):
+        targets |= set(marked())
+        time.sleep(poll)
 for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
     for p in targets:
         try:
@@ -73,11 +81,16 @@ for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
 
 def watch(pid: int | None = None, group: bool = False, match: str | None = None,
           poll_s: float = POLL_S) -> subprocess.Popen:
-    """When this process dies, kill `pid` (or its process group), or this process's children whose command
-    line contains `match`. The watchdog exits with this process (or when `pid` ends first)."""
+    """When this process dies, kill `pid` (or its process group), or the processes this process starts after
+    this call whose command line contains `match`. The watchdog exits with this process (or when `pid` ends first)."""
     if (pid is None) == (match is None):
         raise ValueError("watch() needs exactly one of pid and match")
+    # One token per process: children inherit it, a nested `nlsr` run (its own parent) keeps its parent's token
+    # only until it calls watch() itself, after which its own children carry its own.
+    token = f"{os.getpid()}-{uuid.uuid4().hex}"
+    if match is not None:
+        os.environ[TOKEN_VAR] = token
     return subprocess.Popen([sys.executable, "-S", "-c", _WATCHDOG, str(os.getpid()), str(pid or 0),
-                             "1" if group else "0", match or "", str(poll_s)],
+                             "1" if group else "0", match or "", str(poll_s), token],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, close_fds=True)
