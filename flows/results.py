@@ -20,7 +20,7 @@ def store_rows(root: str | Path) -> list[dict]:
 
 
 def judged(rows: list[dict], store: ArtifactStore) -> list[dict]:
-    """Rows with their per-prompt verdicts and intervals. A report written before rows carried verdicts gets them
+    """Rows with their per-prompt verdicts, intervals and defense costs (`with_costs`). A report written before rows carried verdicts gets them
     from its evaluation artifacts (samples.jsonl, still in the store), so old cells get intervals and paired
     tests without re-running anything."""
     from nlsr.data import read_jsonl
@@ -32,6 +32,53 @@ def judged(rows: list[dict], store: ArtifactStore) -> list[dict]:
             harmful_set = store.meta("evaluate", key)["config"]["evaluation"]["harmful_set"]
             r = {**r, "verdicts": verdicts(read_jsonl(store.path("evaluate", key) / "samples.jsonl"), harmful_set)}
         out.append(report.with_intervals(r))
+    return with_costs(out, store)
+
+
+def _find(store: ArtifactStore, key: str) -> str | None:
+    """The stage holding a finished artifact `key` (keys are content hashes, unique across stages)."""
+    from nlsr.dag import STAGES
+    return next((stage for stage in STAGES if store.done(stage, key)), None)
+
+
+def _ancestors(store: ArtifactStore, stage: str, key: str, seen: dict[tuple[str, str], float]) -> None:
+    """(stage, key) -> wall seconds of every artifact `key` was computed from, itself included (the time it took
+    when it was computed, recorded in its _SUCCESS; a cache hit costs nothing but keeps its recorded time)."""
+    if (stage, key) in seen:
+        return
+    meta = store.meta(stage, key)
+    seen[(stage, key)] = float((meta.get("timings") or {}).get("wall_s") or 0.0)
+    for parent in (meta.get("inputs") or {}).values():
+        parent_stage = _find(store, parent) if isinstance(parent, str) else None
+        if parent_stage:
+            _ancestors(store, parent_stage, parent, seen)
+
+
+def with_costs(rows: list[dict], store: ArtifactStore) -> list[dict]:
+    """Adds `defense_s` to the defended rows of one cell: the compute time of the steps a variant needs beyond the
+    undefended pipeline (the steps behind its evaluated adapter that the fine-tuned model's evaluation does not
+    need: NLSR's reference, scoring and realignment; a fine-tuning-stage defense's own fine-tuning; RESTA's
+    un-alignment...). Evaluation itself is not counted. Rows whose artifacts are gone are left as they are."""
+    def steps(row: dict) -> dict[tuple[str, str], float] | None:
+        key = row.get("eval_key")
+        if not key or not store.done("evaluate", key):
+            return None
+        seen: dict[tuple[str, str], float] = {}
+        for parent in (store.meta("evaluate", key).get("inputs") or {}).values():
+            stage = _find(store, parent) if isinstance(parent, str) else None
+            if stage:
+                _ancestors(store, stage, parent, seen)
+        return seen
+    by_variant = {r["variant"]: r for r in rows}
+    undefended = steps(by_variant["finetuned"]) if "finetuned" in by_variant else None
+    if undefended is None:
+        return rows
+    out = []
+    for r in rows:
+        own = steps(r) if r["variant"] not in ("aligned", "finetuned") else None
+        if own is not None:
+            r = {**r, "defense_s": round(sum(s for k, s in own.items() if k not in undefended), 1)}
+        out.append(r)
     return out
 
 

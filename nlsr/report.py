@@ -25,9 +25,9 @@ AXES = ("task", "poison_ratio", "alignment", "scorer", "realign")
 AXIS_COLUMNS = {"data.task": "task", "data.poison_ratio": "poison_ratio", "alignment.method": "alignment",
                 "scoring.method": "scorer", "realign.method": "realign"}
 VARIANT_ORDER = ("aligned", "finetuned", "realigned", "safelora", "restore-modules", "nlsr", "antidote", "resta",
-                 "resta-base")
+                 "resta-base", "non-aligned", "vlguard", "lisa", "constrained-sft", "vaccine")
 ROW_FIELDS = ("name", *AXES, "seed", "data_seed", "variant", "defense", "defense_stage", "harmful_score", "harmful_score_lo", "harmful_score_hi",
-              "n_harmful", "task_accuracy", "task_accuracy_lo", "task_accuracy_hi", "n_task", "config_hash", "eval_key")
+              "n_harmful", "task_accuracy", "task_accuracy_lo", "task_accuracy_hi", "n_task", "config_hash", "eval_key", "defense_s")
 SUMMARY_FIELDS = (*AXES, "variant", "n_seeds", "harmful_score", "harmful_score_lo", "harmful_score_hi", "harmful_std",
                   "task_accuracy", "task_accuracy_lo", "task_accuracy_hi", "accuracy_std")
 PAIRED_FIELDS = ("metric", "a", "b", "n_seeds", "n_prompts", "diff", "diff_lo", "diff_hi", "a_only", "b_only",
@@ -138,13 +138,21 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
             if ci is None and len(members) == 1 and members[0].get(f"{name}_lo") is not None:
                 ci = (members[0][f"{name}_lo"], members[0][f"{name}_hi"])
             row[f"{name}_lo"], row[f"{name}_hi"] = ci or (None, None)
+        stages = {m.get("defense_stage") for m in members} - {None}
+        if stages:
+            row["defense_stage"] = stages.pop() if len(stages) == 1 else "/".join(sorted(stages))
+        costs = [m["defense_s"] for m in members if m.get("defense_s") is not None]
+        if costs:  # the defense's own compute beyond the undefended pipeline, mean over the seeds that ran it
+            row["defense_s"] = statistics.fmean(costs)
         out.append(row)
     return sorted(out, key=lambda r: _sort_key(r, axes))
 
 
 def summary_fields(rows: Iterable[dict]) -> tuple[str, ...]:
+    rows = list(rows)
     extras = tuple(f for name in extra_scores(rows) for f in (name, f"{name}_lo", f"{name}_hi"))
-    return (*grouping(rows), *SUMMARY_FIELDS[len(AXES):], *extras)
+    defense = tuple(f for f in ("defense_stage", "defense_s") if any(r.get(f) is not None for r in rows))
+    return (*grouping(rows), *SUMMARY_FIELDS[len(AXES):], *extras, *defense)
 
 
 def comparisons(variants: Iterable[str]) -> list[tuple[str, str]]:
@@ -206,6 +214,8 @@ def _title(field: str) -> str:
         return "task accuracy ⬆ [95 % CI]"
     if field.startswith(EXTRA):
         return f"HS {field[len(EXTRA):]} ⬇ [95 % CI]"
+    if field == "defense_s":
+        return "defense cost (s)"
     return field
 
 

@@ -106,3 +106,41 @@ def test_a_swept_axis_is_kept_apart_not_averaged(tmp_path):
     assert "| realign.layer_rate |" in paths["markdown"].read_text()
     assert report.read_csv(paths["summary"])[0]["realign.layer_rate"] == 0.3
     assert "realign.layer_rate" in report.read_csv(paths["rows"])[0]
+
+
+def test_defense_cost_counts_only_the_steps_the_undefended_model_does_not_need(tmp_path):
+    """defense_s of a row: the recorded compute time of the artifacts behind its adapter that the fine-tuned
+    model's evaluation does not need (a real artifact store; each artifact's time is what _SUCCESS recorded)."""
+    import time
+
+    from flows.results import with_costs
+    from nlsr.artifacts import ArtifactStore
+    store = ArtifactStore(tmp_path)
+
+    def make(stage, key, inputs, pause=0.0):
+        def fn(out):
+            time.sleep(pause)
+            out.mkdir()
+            (out / "x").write_text(key)
+        store.run(stage, key, fn, meta={"inputs": inputs})
+        return float(store.meta(stage, key)["timings"]["wall_s"])
+
+    t = {"sft": make("sft", "k-sft", {"base": "k-base"}, 0.3)}  # 'k-base' is no artifact: skipped
+    t["align"] = make("align", "k-align", {"w0": "k-sft"}, 0.3)
+    t["finetune"] = make("finetune", "k-ft", {"base": "k-sft", "adapter": "k-align"}, 0.3)
+    t["reference"] = make("reference", "k-ref", {"aligned": "k-align"}, 0.2)
+    t["score"] = make("score", "k-score", {"base": "k-sft", "reference": "k-ref"}, 0.2)
+    t["realign"] = make("realign", "k-re", {"base": "k-sft", "reference": "k-ref", "finetuned": "k-ft",
+                                             "masks": "k-score"}, 0.2)
+    t["lisa"] = make("finetune", "k-lisa", {"base": "k-sft", "adapter": "k-align"}, 0.4)
+    for variant, adapter in (("aligned", "k-align"), ("finetuned", "k-ft"), ("realigned", "k-re"), ("lisa", "k-lisa")):
+        make("evaluate", f"e-{variant}", {"base": "k-sft", "adapter": adapter}, 0.0)
+    rows = [{"variant": v, "eval_key": f"e-{v}"} for v in ("aligned", "finetuned", "realigned", "lisa")]
+    rows.append({"variant": "gone", "eval_key": "e-missing"})
+    out = {r["variant"]: r for r in with_costs(rows, store)}
+    assert out["realigned"]["defense_s"] == round(t["reference"] + t["score"] + t["realign"], 1)
+    assert out["lisa"]["defense_s"] == round(t["lisa"], 1)
+    assert "defense_s" not in out["aligned"] and "defense_s" not in out["finetuned"] and "defense_s" not in out["gone"]
+    summary = report.summarize([{**r, "harmful_score": 10.0, "task_accuracy": 50.0} for r in out.values()])
+    assert {r["variant"]: r.get("defense_s") for r in summary}["realigned"] == out["realigned"]["defense_s"]
+    assert "defense cost (s)" in report.markdown(summary)
