@@ -1,6 +1,7 @@
 """`nlsr align | finetune | evaluate`: one pipeline stage per command, no orchestration server.
 
   nlsr align configs/default.yaml --out runs/align            -> runs/align/w0 (SFT-merged) + runs/align/aligned
+  nlsr align configs/default.yaml --defense vaccine --out a    -> aligned/ trained under an alignment-stage defense
   nlsr finetune configs/default.yaml --base runs/align/w0 --adapter runs/align/aligned --mix mix.jsonl --out ft
   nlsr evaluate configs/default.yaml --base runs/align/w0 --adapter ft --task sst2 --limit 100 --out eval.json
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from nlsr.methods import ALIGNMENT_DEFENSES
 
 from .outputs import add_force, check_out_file, check_out_folder, mark_out_folder, written_by
 
@@ -26,6 +29,9 @@ def add_commands(sub) -> None:
     _config_args(p)
     p.add_argument("--base", default=None, help="'embedded', 'tiny' or a model folder (default: the config's model)")
     p.add_argument("--out", required=True, help="folder; gets w0/ (SFT-merged model) and aligned/ (adapter)")
+    p.add_argument("--defense", default=None, choices=ALIGNMENT_DEFENSES.names(),
+                   help="train aligned/ under this alignment-stage defense (its settings: the config's defenses: "
+                        "section, e.g. --set defenses.vaccine.rho=2); default: undefended")
     add_force(p)
     p.set_defaults(func=_align)
 
@@ -75,16 +81,19 @@ def _print(obj: dict) -> None:
 
 def _align(args) -> int:
     from nlsr import training
-    cfg = _load(args)
+    # the defense joins the config, so validation rejects a combination it cannot train (Vaccine needs DPO)
+    cfg = _load(args, [f"alignment.defenses=[{args.defense}]"] if args.defense else [])
     out = check_out_folder(args.out, "align", args.force)
     if args.force and out.is_dir() and written_by(out) != "align":
         import shutil
         shutil.rmtree(out)  # --force: the user asked to replace this folder (w0/ and aligned/ replace their own)
     sft = training.safety_sft(cfg, _base(args.base, cfg), out / "w0")
-    pref = training.preference_align(cfg, out / "w0", out / "aligned")
+    align = training.preference_align if args.defense is None else ALIGNMENT_DEFENSES.get(args.defense)
+    pref = align(cfg, out / "w0", out / "aligned")
     mark_out_folder(out, "align")
     _print({"w0": str(out / "w0"), "aligned": str(out / "aligned"), "aligned_base": pref["base"],
-            "method": cfg.alignment.method, "sft_wall_s": sft["wall_s"], "sft_train_loss": sft.get("train_loss"),
+            "method": cfg.alignment.method, "defense": args.defense, "sft_wall_s": sft["wall_s"],
+            "sft_train_loss": sft.get("train_loss"),
             "preference_wall_s": pref["wall_s"], "preference_train_loss": pref.get("train_loss")})
     return 0
 

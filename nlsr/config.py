@@ -16,7 +16,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .defenses.config import DefensesConfig
-from .methods import ALIGNMENT, FINETUNE_DEFENSES, REALIGNERS, SCORERS
+from .methods import ALIGNMENT, ALIGNMENT_DEFENSES, FINETUNE_DEFENSES, REALIGNERS, SCORERS
 
 TARGETS_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TASKS = ("sst2", "agnews", "gsm8k")
@@ -30,6 +30,7 @@ class ConfigError(NLSRError):
 # Method names are checked against their registry (nlsr.methods) at validation time, so a method registered by a
 # plugin is a valid choice and an unknown name fails with the list of valid ones.
 AlignmentName = Annotated[str, AfterValidator(ALIGNMENT.check)]
+AlignmentDefenseName = Annotated[str, AfterValidator(ALIGNMENT_DEFENSES.check)]
 FinetuneDefenseName = Annotated[str, AfterValidator(FINETUNE_DEFENSES.check)]
 ScorerName = Annotated[str, AfterValidator(SCORERS.check)]
 RealignerName = Annotated[str, AfterValidator(REALIGNERS.check)]
@@ -117,6 +118,20 @@ class AlignmentConfig(Strict):
     harmless_mix: float = Field(0.0, ge=0.0, le=1.0,
                                 description="fraction of harmless task rows mixed into safety SFT, so the model "
                                             "does not learn to refuse everything")
+    defenses: list[AlignmentDefenseName] = Field(
+        default_factory=list, description="alignment-stage defenses evaluated beside the undefended alignment, each "
+                                          "its own aligned adapter (from W0) that the undefended fine-tuning then "
+                                          "continues (names in nlsr.methods.ALIGNMENT_DEFENSES: vaccine)")
+
+    @model_validator(mode="after")
+    def _defended_methods(self):
+        """An alignment-stage defense changes some alignment methods' trainers only (Vaccine: DPO's)."""
+        for d in self.defenses:
+            methods = ALIGNMENT_DEFENSES.meta(d).get("methods")
+            if methods is not None and self.method not in methods:
+                raise ValueError(f"alignment.defenses: {d!r} needs alignment.method in {list(methods)}, got "
+                                 f"{self.method!r}")
+        return self
 
 
 class FinetuneConfig(TrainConfig):

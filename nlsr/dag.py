@@ -2,9 +2,10 @@
 
     poison ─────────────────────────────────────────────┐
     base ─► sft (W0) ─► align ─► reference ─► score ──┐   │
-                          │                          ▼   ▼
-                          ├──► unalign (RESTA) ─► realign:<m> ◄── finetune ◄──┘   (one per post-fine-tuning defense)
-                          └──────────────────────────────────► finetune:<d>     (one per fine-tuning-stage defense)
+              │           │                          ▼   ▼
+              │           ├──► unalign (RESTA) ─► realign:<m> ◄── finetune ◄──┘   (one per post-fine-tuning defense)
+              │           └──────────────────────────────────► finetune:<d>     (one per fine-tuning-stage defense)
+              └──► align:<a> ────────────────────────────────► finetune:<a>     (one per alignment-stage defense)
     evaluate:<variant> for every adapter above ─► report
 
 Three readers walk this one description, so they cannot drift apart:
@@ -30,7 +31,7 @@ from typing import Callable
 from .config import ExperimentConfig
 from .data import is_prompt_file
 from .judges.registry import judge_identity
-from .methods import ALIGNMENT, FINETUNE_DEFENSES, REALIGNERS
+from .methods import ALIGNMENT, ALIGNMENT_DEFENSES, FINETUNE_DEFENSES, REALIGNERS
 
 MIX_FILE = "mix.jsonl"
 MASKS_FILE = "masks.safetensors"
@@ -77,8 +78,14 @@ def _sft(cfg, method=None):
 
 def _align(cfg, method=None):
     a = cfg.alignment
-    return {**_common(cfg), "method": a.method, "lora": cfg.lora.model_dump(),
-            "preference": a.preference.model_dump() if not ALIGNMENT.meta(a.method).get("raw_base") else None}
+    out = {**_common(cfg), "method": a.method, "lora": cfg.lora.model_dump(),
+           "preference": a.preference.model_dump() if not ALIGNMENT.meta(a.method).get("raw_base") else None}
+    if method:  # align:<d>, an alignment-stage defense: its name and its own knobs (defenses.<section>)
+        out["defense"] = method
+        section = ALIGNMENT_DEFENSES.meta(method).get("section")
+        if section:
+            out["defense_settings"] = getattr(cfg.defenses, section).model_dump()
+    return out
 
 
 def _reference(cfg, method=None):
@@ -130,7 +137,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("sft", 1, _sft, ("seed", "model.dtype", "data.template", "lora", "alignment.sft", "alignment.harmless_mix"),
           doc="safety SFT merged into the base: W0"),
     Stage("align", 1, _align, ("seed", "model.dtype", "data.template", "lora", "alignment.method",
-                               "alignment.preference"), doc="the aligned adapter ΔW_a"),
+                               "alignment.preference", "defenses"),
+          doc="the aligned adapter ΔW_a; align:<a> under an alignment-stage defense"),
     Stage("reference", 1, _reference, ("reference",), doc="the safety reference adapter (pre-amplified)"),
     Stage("score", 1, _score, ("model.dtype", "data.template", "scoring", "evaluation.judge"), output=MASKS_FILE,
           doc="safety-critical neuron masks"),
@@ -189,6 +197,10 @@ def steps(cfg: ExperimentConfig) -> list[Step]:
         inputs = FINETUNE_DEFENSES.meta(d).get("inputs", {"base": "wbase", "adapter": "align", "mix": "poison"})
         add(f"finetune:{d}", "finetune", inputs, method=d)
         evaluate(d, inputs["base"], f"finetune:{d}", d, "fine-tuning")
+    for d in cfg.alignment.defenses:  # its own aligned adapter, then the same (undefended) fine-tuning on it
+        add(f"align:{d}", "align", {"w0": "sft"}, method=d)
+        add(f"finetune:{d}", "finetune", {"base": "wbase", "adapter": f"align:{d}", "mix": "poison"})
+        evaluate(d, "wbase", f"finetune:{d}", d, "alignment")
     if aligned:
         methods = cfg.realign.methods()
         needed = {src for m in methods for src in REALIGNERS.meta(m).get("inputs", {}).values() if src}
@@ -200,6 +212,10 @@ def steps(cfg: ExperimentConfig) -> list[Step]:
             evaluate(v, "wbase", f"realign:{m}", m, "post-fine-tuning")
     evals = [s for s in out if s.stage == "evaluate"]
     out.append(Step("report", "report", {s.variant: s.label for s in evals}))
+    seen = [s.label for s in out]
+    if len(set(seen)) != len(seen):  # e.g. one name in two defense families: two steps would share a label
+        raise ValueError(f"the cell has two steps named {sorted({x for x in seen if seen.count(x) > 1})}; "
+                         "defense names must differ across alignment.defenses, finetune.defenses and realign")
     return out
 
 
@@ -231,7 +247,8 @@ def run_step(step: Step, cfg: ExperimentConfig, paths: dict[str, Path | None], o
         return safety_sft(cfg, p["base"], out)
     if stage == "align":
         from .training import preference_align
-        return preference_align(cfg, p["w0"], out)
+        fn = preference_align if step.method is None else ALIGNMENT_DEFENSES.get(step.method)
+        return fn(cfg, p["w0"], out)
     if stage == "reference":
         from .reference import build_reference
         return build_reference(p["aligned"], out, cfg.reference)

@@ -8,6 +8,10 @@ registries, so adding a method is one module (its implementation) plus one entry
 Metadata each family reads:
 - ALIGNMENT: `raw_base` (the aligned adapter sits on the raw base, not W0: method 'sft').
   Target: `builder(model, tokenizer, cfg, workdir) -> trl trainer` (a fresh LoRA on W0).
+- ALIGNMENT_DEFENSES: `section` (its part of the `defenses:` config section, in its own keys only) and `methods`
+  (the alignment methods it can change; config validation checks `alignment.method` against them). Each defense d
+  gets its own steps align:d (from W0, like `align`), finetune:d (the undefended fine-tuning, continuing align:d's
+  adapter) and evaluate:d. Target: `fn(cfg, w0, out) -> metrics` (writes the aligned adapter to `out`).
 - FINETUNE_DEFENSES: `inputs` (finetune parameter → DAG step label, see `nlsr.dag`; 'base' is the raw model,
   'wbase' the base the aligned adapter sits on), `settings` (FinetuneConfig fields the defense reads; they
   are left out of the plain fine-tuning key) and `section` (its part of the `defenses:` config section, in its key). Target: `fn(cfg, base, adapter, mix_file, out) -> metrics`.
@@ -23,11 +27,13 @@ from __future__ import annotations
 from .registry import Registry
 
 ALIGNMENT = Registry("alignment method", "alignment.method")
+ALIGNMENT_DEFENSES = Registry("alignment-stage defense", "alignment.defenses")
 FINETUNE_DEFENSES = Registry("fine-tuning-stage defense", "finetune.defenses")
 SCORERS = Registry("neuron scorer", "scoring.method")
 REALIGNERS = Registry("post-fine-tuning realigner", "realign.method / realign.baselines")
 
-FAMILIES = {"alignment": ALIGNMENT, "finetune": FINETUNE_DEFENSES, "scoring": SCORERS, "realign": REALIGNERS}
+FAMILIES = {"alignment": ALIGNMENT, "alignment-defense": ALIGNMENT_DEFENSES, "finetune": FINETUNE_DEFENSES,
+            "scoring": SCORERS, "realign": REALIGNERS}
 
 # ---- alignment (the aligned adapter ΔW_a)
 ALIGNMENT.add("dpo", "nlsr.training:dpo_trainer")
@@ -36,6 +42,9 @@ ALIGNMENT.add("kto", "nlsr.training:kto_trainer")
 ALIGNMENT.add("simpo", "nlsr.training:simpo_trainer")
 ALIGNMENT.add("sft", None, raw_base=True)  # Table 2's SFT row: the SFT LoRA itself, on the raw base
 
+# ---- alignment-stage defenses (each produces its own aligned adapter, which the undefended fine-tuning continues)
+ALIGNMENT_DEFENSES.add("vaccine", "nlsr.defenses.vaccine:align", section="vaccine", methods=("dpo",))  # spec §3
+
 # ---- fine-tuning-stage defenses (each produces its own fine-tuned adapter, a variant of the cell)
 FINETUNE_DEFENSES.add("non-aligned", "nlsr.defenses.non_aligned:finetune",  # spec §1: ATTACK, fresh LoRA on M_raw
                       inputs={"base": "base", "adapter": None, "mix": "poison"}, settings=(), section="non_aligned")
@@ -43,7 +52,6 @@ FINETUNE_DEFENSES.add("vlguard", "nlsr.defenses.vlguard:finetune", settings=(), 
 FINETUNE_DEFENSES.add("lisa", "nlsr.defenses.lisa:finetune", settings=(), section="lisa")
 FINETUNE_DEFENSES.add("constrained-sft", "nlsr.defenses.constrained_sft:finetune", settings=(),
                       section="constrained_sft")
-# Vaccine (nlsr.defenses.vaccine) acts at the alignment stage (it replaces ΔW_a): not a member of this family.
 
 # ---- neuron scorers (safety-critical neuron masks)
 SCORERS.add("lowrank", "nlsr.scoring:lowrank_scores", calibration=True)

@@ -117,9 +117,11 @@ def sft(cfg: ExperimentConfig, base: Ref) -> Ref:
 
 
 @task(name="align", **RETRY)
-def align(cfg: ExperimentConfig, w0: Ref) -> Ref:
-    """Alignment, part 2: the aligned LoRA adapter (cfg.alignment.method) on W0."""
-    return run_stage("align", {"cfg": cfg, "w0": w0}, _library("align", cfg, {"w0": w0}))
+def align(cfg: ExperimentConfig, w0: Ref, method: str | None = None) -> Ref:
+    """Alignment, part 2: the aligned LoRA adapter (cfg.alignment.method) on W0; `method` names an alignment-stage
+    defense (nlsr.methods.ALIGNMENT_DEFENSES) that trains its own aligned adapter, None the undefended one."""
+    params = {"cfg": cfg, "w0": w0, **({"method": method} if method else {})}
+    return run_stage("align", params, _library("align", cfg, {"w0": w0}, method))
 
 
 @task(name="reference", **RETRY)

@@ -46,6 +46,7 @@ READERS: dict[str, set[str] | None] = {
     "alignment.harmless_mix": {"sft"},
     "alignment.method": {"align"},
     "alignment.preference": {"align"},
+    "alignment.defenses": set(),      # adds its own steps, changes no existing key (see below)
     "finetune": {"finetune"},
     "reference": {"reference"},
     "scoring": {"score"},
@@ -62,8 +63,8 @@ READERS: dict[str, set[str] | None] = {
     # Antidote's and RESTA's settings: read only when they are evaluated (see VARIANTS)
     "realign.antidote": set(), "realign.resta": set(), "realign.unaligned": set(),
     "evaluation": {"evaluate"},
-    # the training-stage defenses' knobs (nlsr/defenses): read only by their own finetune:<d> step, when
-    # finetune.defenses lists it (see VARIANTS); Vaccine acts at the alignment stage, which no cell runs yet
+    # the training-stage defenses' knobs (nlsr/defenses): read only by their own finetune:<d> / align:<d> step,
+    # when finetune.defenses / alignment.defenses lists it (see VARIANTS)
     "defenses": set(),
 }
 
@@ -81,6 +82,7 @@ VARIANTS = [
     (['finetune.defenses=["vlguard","lisa","constrained-sft"]'],
      {"defenses.vlguard": {"finetune:vlguard"}, "defenses.lisa": {"finetune:lisa"},
       "defenses.constrained_sft": {"finetune:constrained-sft"}}),
+    (['alignment.defenses=["vaccine"]'], {"defenses.vaccine": {"align:vaccine"}}),
 ]
 
 
@@ -195,10 +197,12 @@ def expected_changes(nodes: dict, direct: set[str]) -> set[str]:
 
 
 CASES = [([], {})] + VARIANTS
-NO_CHANGE_WITH_RESTA = {"data.poison_source", "realign.unaligned.source"}
+# with RESTA evaluated, data.poison_source and realign.unaligned.source must differ and each has two values: neither
+# can change alone there; with Vaccine, alignment.method must stay 'dpo' (the smoke case covers all three)
+NO_VALID_CHANGE = {"data.poison_source", "realign.unaligned.source", "alignment.method"}
 
 
-@pytest.mark.parametrize("base_overrides, extra", CASES, ids=["smoke", "calibration", "local", "harmless", "antidote-resta", "defenses"])
+@pytest.mark.parametrize("base_overrides, extra", CASES, ids=["smoke", "calibration", "local", "harmless", "antidote-resta", "defenses", "vaccine"])
 def test_every_field_changes_exactly_the_keys_of_its_readers(base_overrides, extra):
     base = load_config(SMOKE, base_overrides)
     before = plan(base)
@@ -206,9 +210,7 @@ def test_every_field_changes_exactly_the_keys_of_its_readers(base_overrides, ext
     assert len(fields) > 60
     problems = []
     for path in fields:
-        # with RESTA evaluated, data.poison_source and realign.unaligned.source must differ and each has two
-        # values: neither can change alone there (the smoke case covers both)
-        changed = changed_cfg(base_overrides, path, base, strict=not (base_overrides and path in NO_CHANGE_WITH_RESTA))
+        changed = changed_cfg(base_overrides, path, base, strict=not (base_overrides and path in NO_VALID_CHANGE))
         if changed is None:
             continue
         after = plan(changed)
@@ -237,3 +239,27 @@ def test_dag_shape_fields_change_only_what_they_add_or_remove():
     non_aligned = plan(load_config(SMOKE, ["finetune.aligned=false"]))
     assert not any(k.startswith("realign") for k in non_aligned)
     assert non_aligned["finetune"].key != before["finetune"].key
+
+
+def test_an_alignment_stage_defense_adds_its_own_steps_and_changes_no_existing_key():
+    """alignment.defenses=[vaccine] adds align:vaccine (from W0, like align), finetune:vaccine (the undefended
+    fine-tuning's config slice, continuing align:vaccine) and evaluate:vaccine; every existing step keeps its key
+    (the report lists one more row). Vaccine's knobs go into its own keys only."""
+    from nlsr.config import stable_hash
+    from tasks.keys import experiment_hash, key_for
+    cfg = load_config(SMOKE, ["alignment.defenses=[vaccine]"])
+    before, vac = plan(load_config(SMOKE)), plan(cfg)
+    assert set(vac) - set(before) == {"align:vaccine", "finetune:vaccine", "evaluate:vaccine"}
+    assert {k for k in before if before[k].key != vac[k].key} == {"report"}
+    assert vac["align:vaccine"].inputs == vac["align"].inputs and vac["align:vaccine"].key != vac["align"].key
+    assert vac["finetune:vaccine"].inputs == {**vac["finetune"].inputs, "adapter": vac["align:vaccine"].key}
+    assert vac["finetune:vaccine"].key == key_for("finetune", cfg, vac["finetune:vaccine"].inputs)
+    assert vac["evaluate:vaccine"].inputs["adapter"] == vac["finetune:vaccine"].key
+    rho = plan(load_config(SMOKE, ["alignment.defenses=[vaccine]", "defenses.vaccine.rho=0.5"]))
+    assert {k for k in vac if vac[k].key != rho[k].key} == {"align:vaccine", "finetune:vaccine", "evaluate:vaccine",
+                                                           "report"}
+    # the field joined the config later: at its default it stays out of the experiment hash (MLflow run identity)
+    plain = load_config(SMOKE)
+    dump = plain.model_dump(mode="json", exclude={"artifact_root", "tracking"})
+    del dump["alignment"]["defenses"]
+    assert experiment_hash(plain) == stable_hash(dump) != experiment_hash(cfg)

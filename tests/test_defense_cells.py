@@ -35,13 +35,15 @@ def test_every_defense_runs_in_the_cell(smoke_grid):
     root, cfg = smoke_grid["root"], smoke_grid["cfg"]
     nodes, store = plan(cfg), ArtifactStore(root)
     assert all(store.done(n.stage, n.key) for n in nodes.values())
-    assert {"unalign", "finetune:non-aligned", "realign:antidote", "realign:resta"} <= set(nodes)
+    assert {"unalign", "finetune:non-aligned", "realign:antidote", "realign:resta", "align:vaccine",
+            "finetune:vaccine"} <= set(nodes)
     rows = read_csv(root / "grids" / "smoke-defenses" / "results.csv")
-    assert len(rows) == 2 * 9
+    assert len(rows) == 2 * 10
     by_variant = {r["variant"]: r for r in rows}
-    assert set(by_variant) == {"aligned", "finetuned", "non-aligned"} | POST
+    assert set(by_variant) == {"aligned", "finetuned", "non-aligned", "vaccine"} | POST
     stages = {v: r["defense_stage"] for v, r in by_variant.items()}
     assert stages["aligned"] == "alignment" and stages["non-aligned"] == "fine-tuning"
+    assert stages["vaccine"] == "alignment" and by_variant["vaccine"]["defense"] == "vaccine"
     assert all(stages[v] == "post-fine-tuning" for v in POST)
     assert by_variant["realigned"]["defense"] == "nlsr" and by_variant["antidote"]["defense"] == "antidote"
     assert all(r["harmful_score"] is not None and r["task_accuracy"] is not None for r in rows)
@@ -49,6 +51,13 @@ def test_every_defense_runs_in_the_cell(smoke_grid):
     assert nodes["realign:antidote"].inputs["finetuned"] == nodes["finetune"].key
     assert nodes["realign:resta"].inputs["unaligned"] == nodes["unalign"].key
     assert nodes["finetune:non-aligned"].inputs["adapter"] is None
+    # Vaccine: its own aligned adapter from the shared W0, which the undefended fine-tuning continues
+    assert nodes["align:vaccine"].inputs == nodes["align"].inputs == {"w0": nodes["sft"].key}
+    assert nodes["finetune:vaccine"].inputs == {**nodes["finetune"].inputs, "adapter": nodes["align:vaccine"].key}
+    vac = store.meta("align", nodes["align:vaccine"].key)["metrics"]
+    assert vac["defense"] == "vaccine" and vac["steps"] == cfg.alignment.preference.max_steps
+    computed = Counter(e["stage"] for e in store.events() if e["event"] == "computed")
+    assert computed["sft"] == computed["poison"] == 1 and computed["align"] == 2  # shared stages once per grid
     other = plan(smoke_grid["cells"][1])  # the density sweep's second cell shares everything but Antidote
     assert {k for k in nodes if nodes[k].key != other[k].key} == {"realign:antidote", "evaluate:antidote", "report"}
 
@@ -62,7 +71,7 @@ def test_mlflow_logs_each_defense(smoke_grid):
     assert len(runs) == 2
     for run in runs:
         m = run.data.metrics
-        for v in POST | {"non-aligned"}:
+        for v in POST | {"non-aligned", "vaccine"}:
             assert f"{v}/harmful_score" in m, v
         assert "realign/antidote/pruned_fraction" in m and "realign/resta/n_patched" in m
 

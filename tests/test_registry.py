@@ -6,7 +6,7 @@ import pytest
 
 from nlsr import dag
 from nlsr.config import ConfigError, ScoringConfig, load_config
-from nlsr.methods import ALIGNMENT, FAMILIES, FINETUNE_DEFENSES, REALIGNERS, SCORERS
+from nlsr.methods import ALIGNMENT, ALIGNMENT_DEFENSES, FAMILIES, FINETUNE_DEFENSES, REALIGNERS, SCORERS
 from nlsr.registry import Registry, UnknownMethod
 
 
@@ -14,7 +14,8 @@ from nlsr.registry import Registry, UnknownMethod
                                              ("scoring.method=nope", SCORERS),
                                              ("realign.method=nope", REALIGNERS),
                                              ("realign.baselines=[safelora, nope]", REALIGNERS),
-                                             ("finetune.defenses=[nope]", FINETUNE_DEFENSES)])
+                                             ("finetune.defenses=[nope]", FINETUNE_DEFENSES),
+                                             ("alignment.defenses=[nope]", ALIGNMENT_DEFENSES)])
 def test_unknown_names_fail_with_the_valid_ones(override, family):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
@@ -105,3 +106,9 @@ def test_defense_knobs_only_change_their_own_keys():
         new = plan(load_config(None, ["realign.baselines=[safelora, antidote, resta]", override]))
         diff = {k for k in base if base[k].key != new[k].key} - {"report"}
         assert diff == changed, override
+
+
+def test_an_alignment_stage_defense_names_the_methods_it_can_change():
+    with pytest.raises(ConfigError, match=r"'vaccine' needs alignment.method in \['dpo'\], got 'kto'"):
+        load_config(None, ["alignment.defenses=[vaccine]", "alignment.method=kto"])
+    assert load_config(None, ["alignment.defenses=[vaccine]"]).alignment.defenses == ["vaccine"]
