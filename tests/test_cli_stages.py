@@ -41,6 +41,19 @@ def test_align_writes_w0_and_the_aligned_adapter(aligned_dir, capsys):
     assert (aligned_dir / "aligned" / "adapter_model.safetensors").is_file()
 
 
+def test_align_under_an_alignment_stage_defense(aligned_dir, shared_root, tmp_path, capsys):
+    """`nlsr align --defense vaccine`: the same W0, the aligned adapter trained by Vaccine-DPO instead."""
+    out = tmp_path / "vac"
+    capsys.readouterr()
+    assert main(["align", SMOKE, *sets(shared_root), "--set", "defenses.vaccine.rho=0.5", "--base", "tiny",
+                 "--defense", "vaccine", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    info = json.loads((out / "aligned" / modeling.ADAPTER_INFO).read_text())
+    assert printed["defense"] == info["defense"] == "vaccine" and info["rho"] == 0.5
+    plain, vac = modeling.adapter_weights(aligned_dir / "aligned"), modeling.adapter_weights(out / "aligned")
+    assert plain.keys() == vac.keys() and any(not (plain[k] == vac[k]).all() for k in plain)
+
+
 def test_finetune_then_evaluate(aligned_dir, shared_root, tmp_path, capsys):
     mix = data.write_jsonl(data.poison_mix("sst2", 16, 0.25), tmp_path / "mix.jsonl")
     w0, ft = aligned_dir / "w0", tmp_path / "ft"
@@ -69,6 +82,8 @@ def test_finetune_none_adapter_is_a_fresh_lora(shared_root, tmp_path):
     (["evaluate", SMOKE, "--base", "tiny", "--judge", "oracle", "--out", "x.json"], "evaluation.judge"),
     (["align", SMOKE, "--set", "alignment.method=ppo", "--out", "x"], "alignment.method"),
     (["align", SMOKE, "--set", "alignment.metod=dpo", "--out", "x"], "unknown field 'metod'"),
+    (["align", SMOKE, "--defense", "vaccine", "--set", "alignment.method=kto", "--out", "x"],
+     "'vaccine' needs alignment.method in ['dpo']"),
     (["align", "no/such/config.yaml", "--out", "x"], "does not exist"),
     (["evaluate", SMOKE, "--base", "no/such/model", "--out", "x.json"], "not a Hugging Face model folder"),
 ])

@@ -88,3 +88,27 @@ def test_stage_hashes_are_stable_and_sensitive():
     assert stable_hash(c.realign) == stable_hash(a.realign)  # other stages keep their key
     # key order in the input does not matter
     assert stable_hash({"a": 1, "b": 2}) == stable_hash({"b": 2, "a": 1})
+
+
+def test_paper_defenses_grid_runs_every_registered_defense_at_paper_scale():
+    """configs/grids/paper-defenses.yaml (config only, no model): every registered defense of every family, on the
+    paper's cell, with the release's / original papers' knobs (docs/defenses-spec.md)."""
+    from nlsr.config import load_grid
+    from nlsr.methods import ALIGNMENT_DEFENSES, FINETUNE_DEFENSES, REALIGNERS
+    path = Path(__file__).resolve().parents[1] / "configs" / "grids" / "paper-defenses.yaml"
+    cells = load_grid(path).cells(path.parent, ["model.path=/m/llama3-8b", "evaluation.judge_path=/m/beaver-dam-7b"])
+    assert [c.data.seed for c in cells] == [0, 1, 2]
+    for cfg in cells:
+        assert cfg.model.source == "local" and (cfg.lora.r, cfg.lora.alpha) == (128, 256)
+        assert (cfg.data.n, cfg.data.poison_ratio, cfg.alignment.method) == (1000, 0.05, "dpo")
+        assert set(cfg.alignment.defenses) == set(ALIGNMENT_DEFENSES.names())
+        assert set(cfg.finetune.defenses) == set(FINETUNE_DEFENSES.names())
+        assert set(cfg.realign.methods()) == set(REALIGNERS.names())
+        assert cfg.finetune.grad_accum == 1 and cfg.finetune.batch_size == 8  # Lisa's phases count micro-batches
+        d = cfg.defenses
+        assert d.vaccine.rho == 2.0 and d.vaccine.perturb_reference and d.vlguard.guard_fraction == 0.1
+        assert (d.lisa.rho, d.lisa.align_steps, d.lisa.finetune_steps, d.lisa.guide_fraction) == (1.0, 50, 200, 0.1)
+        assert (d.constrained_sft.beta, d.constrained_sft.first_token_bias_factor, d.constrained_sft.bias_factor,
+                d.constrained_sft.bias_length) == (0.1, 5.0, 20.0, 5)
+        assert cfg.realign.antidote.density == 0.1 and cfg.realign.resta.gamma == 1.0
+        assert cfg.realign.unaligned.source != cfg.data.poison_source

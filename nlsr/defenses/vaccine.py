@@ -8,8 +8,9 @@ update. Pass 1 asks autograd for ∂L/∂h only, so no parameter gradient is com
 earlier micro-batches are left alone (the release's zero_grad between the passes wipes them when GA > 1).
 
 The DPO reference (the adapter-disabled model, computed without gradient inside the loss) stays unperturbed by
-default; `perturb_reference` perturbs it too, as the NLSR release does. The perturbed aligned adapter replaces
-ΔW_a for everything downstream (fine-tuning, NLSR's reference model).
+default; `perturb_reference` perturbs it too, as the NLSR release does. The Vaccine-aligned adapter stands in for
+ΔW_a in its own row of a cell: the DAG step align:vaccine (nlsr.dag), which the undefended fine-tuning
+(finetune:vaccine) continues; the cell's other steps keep the undefended ΔW_a.
 """
 from __future__ import annotations
 
