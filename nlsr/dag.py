@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .config import ExperimentConfig
+from .config import ConfigError, ExperimentConfig
 from .data import is_prompt_file
 from .judges.registry import judge_identity
 from .methods import ALIGNMENT, ALIGNMENT_DEFENSES, FINETUNE_DEFENSES, REALIGNERS
@@ -214,7 +214,7 @@ def steps(cfg: ExperimentConfig) -> list[Step]:
     out.append(Step("report", "report", {s.variant: s.label for s in evals}))
     seen = [s.label for s in out]
     if len(set(seen)) != len(seen):  # e.g. one name in two defense families: two steps would share a label
-        raise ValueError(f"the cell has two steps named {sorted({x for x in seen if seen.count(x) > 1})}; "
+        raise ConfigError(f"the cell has two steps named {sorted({x for x in seen if seen.count(x) > 1})}; "
                          "defense names must differ across alignment.defenses, finetune.defenses and realign")
     return out
 

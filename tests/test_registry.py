@@ -112,3 +112,13 @@ def test_an_alignment_stage_defense_names_the_methods_it_can_change():
     with pytest.raises(ConfigError, match=r"'vaccine' needs alignment.method in \['dpo'\], got 'kto'"):
         load_config(None, ["alignment.defenses=[vaccine]", "alignment.method=kto"])
     assert load_config(None, ["alignment.defenses=[vaccine]"]).alignment.defenses == ["vaccine"]
+
+
+def test_one_name_in_two_defense_families_fails_instead_of_sharing_a_step():
+    FINETUNE_DEFENSES.add("vaccine", None)  # a fine-tuning-stage defense named like the alignment-stage one
+    try:
+        cfg = load_config(None, ["finetune.defenses=[vaccine]", "alignment.defenses=[vaccine]"])
+        with pytest.raises(ConfigError, match=r"two steps named \['evaluate:vaccine', 'finetune:vaccine'\]"):
+            dag.steps(cfg)
+    finally:
+        FINETUNE_DEFENSES.unregister("vaccine")
