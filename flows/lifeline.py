@@ -22,7 +22,6 @@ TOKEN_VAR = "NLSR_LIFELINE"  # the environment variable that marks the processes
 
 _WATCHDOG = r"""
 import os, signal, sys, time
-TOKEN_VAR = "NLSR_LIFELINE"
 parent, pid, group, match, poll = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4], float(sys.argv[5])
 
 def alive(p):
@@ -56,7 +55,7 @@ def marked():
             out.append(int(name))
     return out
 
-token = ("%s=%s" % (TOKEN_VAR, sys.argv[6])).encode()
+token = sys.argv[6].encode()  # NAME=value, as /proc/<pid>/environ holds it
 while os.getppid() == parent:
     if not match and not alive(pid):
         sys.exit(0)
@@ -91,6 +90,6 @@ def watch(pid: int | None = None, group: bool = False, match: str | None = None,
     if match is not None:
         os.environ[TOKEN_VAR] = token
     return subprocess.Popen([sys.executable, "-S", "-c", _WATCHDOG, str(os.getpid()), str(pid or 0),
-                             "1" if group else "0", match or "", str(poll_s), token],
+                             "1" if group else "0", match or "", str(poll_s), f"{TOKEN_VAR}={token}"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, close_fds=True)

@@ -64,10 +64,8 @@ def with_costs(rows: list[dict], store: ArtifactStore) -> list[dict]:
         if not key or not store.done("evaluate", key):
             return None
         seen: dict[tuple[str, str], float] = {}
-        for parent in (store.meta("evaluate", key).get("inputs") or {}).values():
-            stage = _find(store, parent) if isinstance(parent, str) else None
-            if stage:
-                _ancestors(store, stage, parent, seen)
+        _ancestors(store, "evaluate", key, seen)
+        del seen[("evaluate", key)]
         return seen
     by_variant = {r["variant"]: r for r in rows}
     undefended = steps(by_variant["finetuned"]) if "finetuned" in by_variant else None

@@ -24,8 +24,9 @@ AXES = ("task", "poison_ratio", "alignment", "scorer", "realign")
 # column named by its dotted config key, and the summary keeps its values apart instead of averaging them.
 AXIS_COLUMNS = {"data.task": "task", "data.poison_ratio": "poison_ratio", "alignment.method": "alignment",
                 "scoring.method": "scorer", "realign.method": "realign"}
-VARIANT_ORDER = ("aligned", "finetuned", "realigned", "safelora", "restore-modules", "nlsr", "antidote", "resta",
-                 "resta-base", "non-aligned", "vlguard", "lisa", "constrained-sft", "vaccine")
+# Table order of the variants: the cell's own rows first, then every defense in its registry's order (nlsr.methods),
+# so a newly registered method needs no edit here.
+VARIANT_HEAD = ("aligned", "finetuned", "realigned", "safelora", "restore-modules")
 ROW_FIELDS = ("name", *AXES, "seed", "data_seed", "variant", "defense", "defense_stage", "harmful_score", "harmful_score_lo", "harmful_score_hi",
               "n_harmful", "task_accuracy", "task_accuracy_lo", "task_accuracy_hi", "n_task", "config_hash", "eval_key", "defense_s")
 SUMMARY_FIELDS = (*AXES, "variant", "n_seeds", "harmful_score", "harmful_score_lo", "harmful_score_hi", "harmful_std",
@@ -90,8 +91,15 @@ def _num(x) -> float | None:
     return None if x is None else float(x)
 
 
+def variant_order() -> tuple[str, ...]:
+    from .methods import ALIGNMENT_DEFENSES, FINETUNE_DEFENSES, REALIGNERS
+    names = (*VARIANT_HEAD, *REALIGNERS.names(), *FINETUNE_DEFENSES.names(), *ALIGNMENT_DEFENSES.names())
+    return tuple(dict.fromkeys(names))
+
+
 def _variant_rank(v: str) -> tuple:
-    return (VARIANT_ORDER.index(v) if v in VARIANT_ORDER else len(VARIANT_ORDER), v)
+    order = variant_order()
+    return (order.index(v) if v in order else len(order), v)
 
 
 def extra_axes(axes: Iterable[str]) -> list[str]:
