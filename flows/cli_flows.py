@@ -6,6 +6,7 @@ MLflow writes to SQLite under the artifact root. Heavy imports happen inside the
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -156,6 +157,9 @@ def _grid(args) -> int:
     grid = load_grid(args.grid)
     overrides = [*_root_override(), *args.overrides]
     cells = grid.cells(Path(args.grid).parent, overrides)
+    if grid.choose:
+        from nlsr.choice import check_sweep
+        check_sweep(grid, cells)  # dev data only, and a variant the cells evaluate: refused before any training
     print(f"grid {grid.name}: {len(cells)} cells over {', '.join(grid.axes) or 'no axes'}", flush=True)
     if args.pool and not os.environ.get("PREFECT_API_URL"):
         print("nlsr grid: --pool needs a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)",
@@ -167,6 +171,9 @@ def _grid(args) -> int:
     result = run_grid(grid.model_dump(mode="json"), str(Path(args.grid).parent.resolve()), overrides,
                       pool=args.pool, deployment=args.deployment, timeout=args.timeout)
     print("\n" + report.text_report(result["rows"]))
+    if grid.choose and (Path(result["out"]) / "choice.json").is_file() and not result["failed"]:
+        from nlsr.choice import markdown
+        print("\n" + markdown(json.loads((Path(result["out"]) / "choice.json").read_text())))
     print(f"grid {grid.name}: {time.perf_counter() - t0:.1f} s; table and plot in {result['out']}")
     if result["failed"]:
         print(f"nlsr grid: {len(result['failed'])} cell(s) failed: {result['failed']}; run the same command "

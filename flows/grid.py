@@ -5,7 +5,8 @@ the others find it in the store (or wait on its lock while it is being trained).
 others; rerunning the grid resumes it, reusing every finished stage.
 
 Results: `<artifact_root>/grids/<grid name>/` holds results.csv (every row), summary.csv and results.md (mean
-over seeds) and pareto.png; the same files go to the grid's parent MLflow run and to Prefect artifacts.
+over seeds) and pareto.png, and for a sweep that chooses a knob (`choose:`) choice.json; the same files go to the grid's
+parent MLflow run and to Prefect artifacts.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from nlsr import report
+from nlsr import choice, report
 from nlsr.artifacts import ArtifactStore
+from nlsr.atomic import write_json
 from nlsr.config import ExperimentConfig, GridConfig, stable_hash
 
 from tasks.keys import plan
@@ -74,6 +76,8 @@ def grid_flow(grid: GridConfig, grid_dir: str = ".", overrides: list[str] | None
     log = get_run_logger()
     liveness.claim_and_reap(flow_run.id)
     cells = [_absolute_root(c) for c in grid.cells(grid_dir, overrides)]
+    if grid.choose:
+        choice.check_sweep(grid, cells)
     labels = [cell_label(p) for p in grid.points()]
     spec = {**grid.model_dump(mode="json"), "extra_overrides": overrides or []}
     parent = Tracker.for_grid(grid.name, spec, cells[0], flow_run.id)
@@ -91,6 +95,8 @@ def grid_flow(grid: GridConfig, grid_dir: str = ".", overrides: list[str] | None
             rows += [{**r, **{a: point[a] for a in extra}} for r in found or []]  # e.g. a realign.layer_rate sweep
         out = ArtifactStore(cells[0].artifact_root).root / "grids" / grid.name
         paths = report.write_results(rows, out, title=grid.name) if rows else {}
+        if grid.choose and rows and not failed:
+            paths["choice"] = write_choice(grid, rows, out)
         for path in paths.values():
             parent.log_file(path, "results")
         parent.log_metrics({"cells": len(cells), "cells_failed": len(failed)})
@@ -104,6 +110,15 @@ def grid_flow(grid: GridConfig, grid_dir: str = ".", overrides: list[str] | None
         raise
     parent.finish("FAILED" if failed else "FINISHED")
     return {"rows": rows, "out": str(out), "failed": failed, "parent_run_id": parent.run_id}
+
+
+def write_choice(grid: GridConfig, rows: list[dict], out) -> object:
+    """A sweep's chosen knob (nlsr.choice): choice.json, and its table appended to results.md."""
+    knob = choice.knob_axis(grid.axes)
+    chosen = choice.choose(report.summarize(rows), knob, grid.choose.variant, grid.axes[knob], grid.choose.tolerance)
+    with (out / "results.md").open("a") as f:
+        f.write("\n## Knob choice (dev data only)\n\n" + choice.markdown(chosen))
+    return write_json(chosen, out / "choice.json")
 
 
 def _local(cells, labels, grid_name: str, parent_run_id: str) -> list[str]:

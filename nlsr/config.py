@@ -269,6 +269,9 @@ class EvaluationConfig(Strict):
                                     "of a JSONL file of your own prompts: one object per line with a 'prompt' string")
     harmful_limit: int = Field(100, ge=1)
     task_limit: int = Field(100, ge=1)
+    task_split: Literal["test", "dev"] = Field(
+        "test", description="task accuracy on the task's test rows (the reported number) or on its dev rows "
+                            "(data.task_dev_set: train rows the cell never trains on), on which sweeps choose knobs")
     max_new_tokens: int = Field(48, ge=1)
     task_max_new_tokens: int | None = Field(
         None, ge=1, description="None: per task (sst2 4, agnews 6, gsm8k 160: a worked solution needs room)")
@@ -342,6 +345,25 @@ class ExperimentConfig(Strict):
             raise ValueError(f"realign.unaligned.source ({self.realign.unaligned.source}) must differ from "
                              f"data.poison_source: the unaligned model's rows must be disjoint from the mix")
         return self
+
+    @model_validator(mode="after")
+    def _task_dev_fits(self):
+        """The dev rows must be train rows that neither the fine-tuning mix nor the safety SFT takes."""
+        if self.evaluation.task_split == "dev":
+            from .data import DataError, task_dev_set
+            try:
+                task_dev_set(self.data.task, 1, *self.task_train_use())
+            except DataError as err:
+                raise ValueError(str(err)) from None
+        return self
+
+    def task_train_use(self) -> tuple[int, int]:
+        """(head, tail): the rows of the task's train file that the fine-tuning mix takes from its start and the
+        safety SFT (harmless_mix) from its end."""
+        from .data import SAFE_SFT, n_poison
+        head = self.data.n - n_poison(self.data.n, self.data.poison_ratio)
+        sft_rows = self.alignment.sft.n_samples or SAFE_SFT.stop - SAFE_SFT.start
+        return head, n_poison(sft_rows, self.alignment.harmless_mix)
 
     @field_validator("artifact_root")
     @classmethod
@@ -448,6 +470,13 @@ def dump_yaml(cfg: BaseModel) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # grids
 
+class GridChoice(Strict):
+    """`choose:` of a sweep grid: its one non-seed axis is a defense's knob, chosen on dev data by nlsr.choice."""
+    variant: str = Field(..., description="the variant whose knob the axis sweeps (e.g. antidote, realigned, lisa)")
+    tolerance: float = Field(2.0, ge=0.0, description="task-accuracy points the defense may lose against the "
+                                                      "undefended fine-tuned model")
+
+
 class GridConfig(Strict):
     """A grid of cells: a base experiment config, overrides for every cell, and axes (dotted key -> values).
 
@@ -462,6 +491,7 @@ class GridConfig(Strict):
     overrides: list[str] = Field(default_factory=list, description="KEY=VALUE applied to every cell")
     axes: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> values; the cells are "
                                                                         "the cartesian product")
+    choose: GridChoice | None = Field(None, description="a sweep that chooses a knob (nlsr.choice); None: a plain grid")
 
     @model_validator(mode="after")
     def _axes_non_empty(self):

@@ -125,7 +125,10 @@ def _realign(cfg, method=None):
 
 def _evaluate(cfg, method=None):
     # The judge's identity (name + weights hash): new judge weights -> new evaluations.
-    out = {**_common(cfg), "task": cfg.data.task, "evaluation": cfg.evaluation.model_dump(),
+    evaluation = cfg.evaluation.model_dump()
+    if evaluation["task_split"] == "test":  # the split joined later: at its default, keys stay as they were
+        del evaluation["task_split"]
+    out = {**_common(cfg), "task": cfg.data.task, "evaluation": evaluation,
            "judge_identity": judge_identity(cfg.evaluation.judge, cfg.evaluation.judge_path)}
     if is_prompt_file(cfg.evaluation.harmful_set):  # a user's file: its content, not its name, is the input
         out["harmful_set_sha256"] = hashlib.sha256(Path(cfg.evaluation.harmful_set).read_bytes()).hexdigest()

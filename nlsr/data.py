@@ -269,5 +269,23 @@ def harmful_prompts(name: str = "harmful_eval", limit: int | None = None) -> lis
     return [{"prompt": r["prompt"], "categories": r.get("categories") or []} for r in rows[:limit]]
 
 
+TASK_DEV_ROWS = 200  # the task's dev split: enough for an accuracy to ±7 points, small enough to fit beside the mix
+
+
 def task_eval_set(task: str, limit: int | None = None) -> list[dict]:
     return load_task(task, "test")[:limit]
+
+
+def task_dev_set(task: str, limit: int | None, head: int, tail: int) -> list[dict]:
+    """The task's dev split: TASK_DEV_ROWS rows of its *train* file that the cell never trains on, for choosing
+    knobs without looking at the test rows (the paper's evaluation uses the whole test file, so dev cannot come
+    from there). They sit just before the `tail` rows the safety SFT mixes in, and must not reach into the `head`
+    rows the fine-tuning mix takes from the start (see poison_mix and safety_sft_set)."""
+    rows = load_task(task, "train")
+    end = len(rows) - tail
+    start = end - TASK_DEV_ROWS
+    if start < head:
+        raise DataError(f"evaluation.task_split 'dev' needs {TASK_DEV_ROWS} {task} train rows that the cell does not "
+                        f"train on, but the mix takes the first {head} and the safety SFT the last {tail} of "
+                        f"{len(rows)}; lower data.n or use task_split 'test'")
+    return rows[start:end][:limit]

@@ -1,10 +1,10 @@
 """Generation-based evaluation: harmful score (HS) and fine-tuning task accuracy (FA), as in the paper's A7.
 
 - HS = 100 × flagged / prompts: greedy answers to harmful prompts, flagged by a judge (nlsr.judges).
-- FA = 100 × correct / examples on the task's test split. Two readings:
-  *lenient* = the release's substring checks (the paper's numbers: an SST-2 answer holding both labels counts as
-  correct for either); *strict* = the first label the answer names (GSM8K: the number after "The final answer
-  is", nothing else).
+- FA = 100 × correct / examples on the task's test split (or, for sweeps that choose knobs, its dev split: train
+  rows the cell never trains on). Two readings: *lenient* = the release's substring checks (the paper's numbers:
+  an SST-2 answer holding both labels counts as correct for either); *strict* = the first label the answer names
+  (GSM8K: the number after "The final answer is", nothing else).
 Answers are saved next to their prompts (samples.jsonl) so that every number can be audited.
 """
 from __future__ import annotations
@@ -160,15 +160,18 @@ def _harmful(model, tok, cfg: ExperimentConfig, judge) -> tuple[dict, list[dict]
 
 def _task(model, tok, cfg: ExperimentConfig) -> tuple[dict, list[dict]]:
     task, ev = cfg.data.task, cfg.evaluation
-    rows = data.task_eval_set(task, ev.task_limit)
+    if ev.task_split == "dev":
+        rows = data.task_dev_set(task, ev.task_limit, *cfg.task_train_use())
+    else:
+        rows = data.task_eval_set(task, ev.task_limit)
     prompts = [data.format_prompt(r["instruction"], r.get("input", ""), cfg.data.template, tok) for r in rows]
     budget = ev.task_max_new_tokens or TASK_MAX_NEW_TOKENS[task]
-    answers = _answers(model, tok, prompts, budget, cfg, f"{task} test")
+    answers = _answers(model, tok, prompts, budget, cfg, f"{task} {ev.task_split}")
     scored = [score_answer(task, a, r["output"]) for a, r in zip(answers, rows)]
     samples = [{"set": task, "prompt": r["instruction"] + ("\n" + r["input"] if r.get("input") else ""),
                 "answer": a, "gold": r["output"], **s} for r, a, s in zip(rows, answers, scored)]
     lenient = percent([s["correct"] for s in scored])
-    return {"task": task, "task_accuracy": lenient, "task_accuracy_lenient": lenient,
+    return {"task": task, "task_split": ev.task_split, "task_accuracy": lenient, "task_accuracy_lenient": lenient,
             "task_accuracy_strict": percent([s["correct_strict"] for s in scored]), "n_task": len(rows)}, samples
 
 

@@ -96,3 +96,46 @@ def test_a_dummy_defense_is_one_module_and_one_entry(smoke_grid):
         assert rows["dummy-copy"]["task_accuracy"] == rows["finetuned"]["task_accuracy"]
     finally:
         REALIGNERS.unregister("dummy-copy")
+
+
+def test_a_sweep_grid_chooses_its_knob_on_dev_data(smoke_grid, tmp_path, capsys):
+    """A knob sweep (as configs/grids/sweep-*.yaml, on the tiny model): every cell evaluates harmful_dev and the
+    task's dev rows, the grid writes choice.json by the rule, and a sweep on the evaluation prompts is refused."""
+    import json
+    import yaml
+    from flows.cli import main
+    from nlsr import choice, data
+    from nlsr.report import read_csv
+    root = smoke_grid["root"]
+    grid = {"name": "smoke-sweep", "base": str(ROOT / "configs" / "smoke.yaml"),
+            "overrides": ["realign.baselines=[antidote]", "realign.antidote.n_samples=8",
+                          "realign.antidote.max_length=64", "evaluation.harmful_set=harmful_dev",
+                          "evaluation.task_split=dev"],
+            "axes": {"realign.antidote.density": [0.5, 0.1]}, "choose": {"variant": "antidote"}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    assert main(["grid", str(path), "--set", f"artifact_root={root}"]) == 0
+    out = root / "grids" / "smoke-sweep"
+    chosen = json.loads((out / "choice.json").read_text())
+    assert chosen["knob"] == "realign.antidote.density" and chosen["variant"] == "antidote"
+    summary = read_csv(out / "summary.csv")
+    assert chosen == choice.choose(summary, chosen["knob"], "antidote", [0.5, 0.1])  # the rule, on what was run
+    assert "## Knob choice (dev data only)" in (out / "results.md").read_text()
+    # what was evaluated: harmful_dev prompts and the dev rows, never harmful_eval or the test rows
+    cfg = load_grid(path).cells(tmp_path, [f"artifact_root={root}"])[0]
+    dev_prompts = {r["prompt"] for r in data.harmful_prompts("harmful_dev")}
+    dev_rows = {r["instruction"] + ("\n" + r["input"] if r.get("input") else "")
+                for r in data.task_dev_set("sst2", cfg.evaluation.task_limit, *cfg.task_train_use())}
+    store = ArtifactStore(root)
+    from tasks.keys import plan
+    evaluation = store.path("evaluate", plan(cfg)["evaluate:antidote"].key)
+    samples = [json.loads(line) for line in (evaluation / "samples.jsonl").read_text().splitlines()]
+    assert {s["prompt"] for s in samples if s["set"] == "harmful_dev"} <= dev_prompts
+    assert {s["prompt"] for s in samples if s["set"] == "sst2"} <= dev_rows
+    assert {s["set"] for s in samples} == {"harmful_dev", "sst2"}
+    # the same sweep on the evaluation prompts: refused before anything runs, naming the fields
+    grid["overrides"] = [o for o in grid["overrides"] if "harmful_set" not in o]
+    path.write_text(yaml.safe_dump(grid))
+    capsys.readouterr()
+    assert main(["grid", str(path), "--set", f"artifact_root={root}"]) == 2
+    assert "expected evaluation.harmful_set=harmful_dev" in capsys.readouterr().err
