@@ -97,7 +97,7 @@ def variant_order() -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _variant_rank(v: str) -> tuple:
+def variant_rank(v: str) -> tuple:
     order = variant_order()
     return (order.index(v) if v in order else len(order), v)
 
@@ -114,7 +114,7 @@ def grouping(rows: Iterable[dict]) -> tuple[str, ...]:
 
 
 def _sort_key(row: dict, axes: tuple[str, ...] = AXES) -> tuple:
-    return tuple(str(row.get(a)) for a in axes) + (_variant_rank(row.get("variant", "")), row.get("seed") or 0,
+    return tuple(str(row.get(a)) for a in axes) + (variant_rank(row.get("variant", "")), row.get("seed") or 0,
                                                           row.get("data_seed") or 0)
 
 
@@ -167,7 +167,7 @@ def comparisons(variants: Iterable[str]) -> list[tuple[str, str]]:
     """(A, B) pairs compared as A − B: the fine-tuning's effect, the realignment's, each baseline's, and the
     realignment against each baseline."""
     present = set(variants)
-    baselines = sorted(present - {"aligned", "finetuned", "realigned"}, key=_variant_rank)
+    baselines = sorted(present - {"aligned", "finetuned", "realigned"}, key=variant_rank)
     pairs = [("finetuned", "aligned"), ("realigned", "finetuned"), *((b, "finetuned") for b in baselines),
              *(("realigned", b) for b in baselines)]
     return [(a, b) for a, b in pairs if a in present and b in present]
@@ -323,7 +323,7 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
 
     points = [r for r in rows if r.get("harmful_score") is not None and r.get("task_accuracy") is not None]
     tasks = sorted({r.get("task") for r in points}, key=str) or ["(no results)"]
-    variants = sorted({r["variant"] for r in points}, key=_variant_rank)
+    variants = sorted({r["variant"] for r in points}, key=variant_rank)
     colours = {v: plt.get_cmap("tab10")(i % 10) for i, v in enumerate(variants)}
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):

@@ -19,6 +19,7 @@ import re
 from typing import Any, Iterable
 
 from nlsr.config import ExperimentConfig
+from nlsr.report import variant_rank
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # MLflow UI: the "machine learning" (runs table) experiment page
@@ -27,7 +28,6 @@ PRIMARY_METRIC_TAG, PRIMARY_METRIC = "mlflow.experiment.primaryMetric.name", "hs
 VIEW_KEY = "nlsr-results"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 HEADLINE = {"harmful_score": "hs", "task_accuracy": "fa"}
-VARIANT_ORDER = ("aligned", "finetuned", "realigned", "safelora", "restore-modules")
 # Stages whose metrics are mostly detail: only these become MLflow metrics (`nlsr report` reads the first two).
 STAGE_METRICS = {"evaluate": ("harmful_score", "task_accuracy", "wall_s")}
 # Interval bounds of a result row, whatever the report names them: harmful_score_lo, harmful_hi, accuracy_ci_high...
@@ -51,10 +51,6 @@ def artifact_key(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- metrics
-
-def _variant_rank(v: str) -> tuple:
-    return (VARIANT_ORDER.index(v) if v in VARIANT_ORDER else len(VARIANT_ORDER), v)
-
 
 def bounds(row: dict) -> dict[str, float]:
     """The row's interval bounds as {'hs_lo': .., 'hs_hi': .., 'fa_lo': .., 'fa_hi': ..} (empty without them)."""
@@ -110,7 +106,7 @@ def _with_interval(value, lo, hi) -> str:
 def results_table(rows: list[dict]) -> str:
     """variant | harmful score ⬇ | task accuracy ⬆, with [95 % interval] when the rows carry one."""
     lines = ["| variant | harmful score ⬇ | task accuracy ⬆ |", "|---|---|---|"]
-    for r in sorted(rows, key=lambda r: _variant_rank(r["variant"])):
+    for r in sorted(rows, key=lambda r: variant_rank(r["variant"])):
         b = bounds(r)
         lines.append(f"| {r['variant']} | {_with_interval(r.get('harmful_score'), b.get('hs_lo'), b.get('hs_hi'))} "
                      f"| {_with_interval(r.get('task_accuracy'), b.get('fa_lo'), b.get('fa_hi'))} |")
@@ -157,7 +153,7 @@ def mlflow_image(run_id: str, path: str) -> str:
 def view_state(variants: Iterable[str], expand: Iterable[str] = ()) -> dict:
     """The runs-table view saved on the experiment: harmful score then accuracy per variant, newest first, grid
     parents expanded (their cells nested below)."""
-    ordered = sorted(set(variants), key=_variant_rank)
+    ordered = sorted(set(variants), key=variant_rank)
     columns = [f"metrics.`{short}/{v}`" for short in HEADLINE.values() for v in ordered]
     columns.append("metrics.`wall_s/total`")
     return {"selectedColumns": columns, "columnOrder": columns, "orderByKey": "attributes.start_time",

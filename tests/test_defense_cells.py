@@ -16,6 +16,7 @@ from nlsr.config import load_grid
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "configs" / "grids" / "smoke-defenses.yaml"
 POST = {"realigned", "safelora", "restore-modules", "antidote", "resta", "resta-base"}
+FINETUNE = {"non-aligned", "vlguard", "lisa", "constrained-sft"}
 
 pytestmark = pytest.mark.xdist_group("prefect")
 
@@ -38,11 +39,11 @@ def test_every_defense_runs_in_the_cell(smoke_grid):
     assert {"unalign", "finetune:non-aligned", "realign:antidote", "realign:resta", "align:vaccine",
             "finetune:vaccine"} <= set(nodes)
     rows = read_csv(root / "grids" / "smoke-defenses" / "results.csv")
-    assert len(rows) == 2 * 10
+    assert len(rows) == 2 * 13
     by_variant = {r["variant"]: r for r in rows}
-    assert set(by_variant) == {"aligned", "finetuned", "non-aligned", "vaccine"} | POST
+    assert set(by_variant) == {"aligned", "finetuned", "vaccine"} | FINETUNE | POST
     stages = {v: r["defense_stage"] for v, r in by_variant.items()}
-    assert stages["aligned"] == "alignment" and stages["non-aligned"] == "fine-tuning"
+    assert stages["aligned"] == "alignment" and all(stages[v] == "fine-tuning" for v in FINETUNE)
     assert stages["vaccine"] == "alignment" and by_variant["vaccine"]["defense"] == "vaccine"
     assert all(stages[v] == "post-fine-tuning" for v in POST)
     assert by_variant["realigned"]["defense"] == "nlsr" and by_variant["antidote"]["defense"] == "antidote"
@@ -58,6 +59,7 @@ def test_every_defense_runs_in_the_cell(smoke_grid):
     assert vac["defense"] == "vaccine" and vac["steps"] == cfg.alignment.preference.max_steps
     computed = Counter(e["stage"] for e in store.events() if e["event"] == "computed")
     assert computed["sft"] == computed["poison"] == 1 and computed["align"] == 2  # shared stages once per grid
+    assert computed["finetune"] == 1 + len(FINETUNE) + 1  # undefended, each fine-tuning-stage defense, vaccine's
     other = plan(smoke_grid["cells"][1])  # the density sweep's second cell shares everything but Antidote
     assert {k for k in nodes if nodes[k].key != other[k].key} == {"realign:antidote", "evaluate:antidote", "report"}
 
@@ -71,7 +73,7 @@ def test_mlflow_logs_each_defense(smoke_grid):
     assert len(runs) == 2
     for run in runs:
         m = run.data.metrics
-        for v in POST | {"non-aligned", "vaccine"}:
+        for v in POST | FINETUNE | {"vaccine"}:
             assert f"{v}/harmful_score" in m, v
         assert "realign/antidote/pruned_fraction" in m and "realign/resta/n_patched" in m
 

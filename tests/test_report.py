@@ -61,7 +61,7 @@ def test_grid_configs_expand():
     from nlsr.config import load_grid
     folder = Path(__file__).resolve().parents[1] / "configs" / "grids"
     grids = sorted(folder.glob("*.yaml"))
-    assert {g.stem for g in grids} >= {"table1", "table3", "paper-table1", "paper-table3"}
+    assert {g.stem for g in grids} >= {"table1", "table2", "table3", "table5", "paper-table1", "paper-table3"}
     for path in grids:
         grid = load_grid(path)
         extra = ["model.path=/models/llama-3-8b", "evaluation.judge_path=/models/beaver-dam-7b"] if path.stem.startswith("paper") else []
@@ -78,6 +78,10 @@ def test_grid_configs_expand():
                 == c.data.n
         if path.stem.endswith("table3"):
             assert {c.data.task for c in cells} == {"sst2", "agnews", "gsm8k"}
+        if path.stem == "table2":  # the paper's Table 2: every alignment method, fine-tuned and realigned
+            assert {c.alignment.method for c in cells} == {"sft", "dpo", "orpo", "kto", "simpo"}
+        if path.stem == "table5":  # the paper's Table 5: every neuron scorer under the same realignment
+            assert {c.scoring.method for c in cells} == {"lowrank", "wanda", "snip", "random"}
 
 
 def test_latest_cells_drop_cells_reported_twice():
