@@ -235,6 +235,10 @@ class RealignConfig(Strict):
     baselines: list[RealignerName] = Field(
         default_factory=lambda: ["safelora"],
         description="further post-fine-tuning defenses, each a variant of the one fine-tuned adapter")
+    stack_on: list[FinetuneDefenseName] = Field(
+        default_factory=list, description="fine-tuning-stage defenses (in finetune.defenses) whose own fine-tuned "
+                                          "adapter the main realigner also realigns: variant '<method>-on-<defense>', "
+                                          "e.g. nlsr-on-lisa (NLSR on top of Lisa)")
     antidote: AntidoteConfig = AntidoteConfig()
     resta: RestaConfig = RestaConfig()
     unaligned: UnalignConfig = UnalignConfig()
@@ -344,6 +348,17 @@ class ExperimentConfig(Strict):
         if "resta" in methods and self.realign.unaligned.source == self.data.poison_source:
             raise ValueError(f"realign.unaligned.source ({self.realign.unaligned.source}) must differ from "
                              f"data.poison_source: the unaligned model's rows must be disjoint from the mix")
+        return self
+
+    @model_validator(mode="after")
+    def _stacked_defenses(self):
+        """The main realigner can stack only on a defense this cell fine-tunes, on the aligned model's base."""
+        for d in self.realign.stack_on:
+            if d not in self.finetune.defenses:
+                raise ValueError(f"realign.stack_on: {d!r} is not in finetune.defenses {self.finetune.defenses}")
+            if FINETUNE_DEFENSES.meta(d).get("inputs", {}).get("base", "wbase") != "wbase":
+                raise ValueError(f"realign.stack_on: {d!r} fine-tunes the raw base, not the aligned model; there is "
+                                 f"no aligned model to realign it towards")
         return self
 
     @model_validator(mode="after")

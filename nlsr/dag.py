@@ -31,7 +31,7 @@ from typing import Callable
 from .config import ConfigError, ExperimentConfig
 from .data import is_prompt_file
 from .judges.registry import judge_identity
-from .methods import ALIGNMENT, ALIGNMENT_DEFENSES, FINETUNE_DEFENSES, REALIGNERS
+from .methods import ALIGNMENT, ALIGNMENT_DEFENSES, FINETUNE_DEFENSES, REALIGNERS, stacked_variant
 
 MIX_FILE = "mix.jsonl"
 MASKS_FILE = "masks.safetensors"
@@ -213,6 +213,12 @@ def steps(cfg: ExperimentConfig) -> list[Step]:
             add(f"realign:{m}", "realign", REALIGNERS.meta(m)["inputs"], method=m)
             v = variant_name(cfg, m)
             evaluate(v, "wbase", f"realign:{m}", m, "post-fine-tuning")
+        m = cfg.realign.method
+        for d in cfg.realign.stack_on:  # the main realigner on a fine-tuning-stage defense's own adapter
+            inputs = {k: f"finetune:{d}" if v == "finetune" else v for k, v in REALIGNERS.meta(m)["inputs"].items()}
+            v = stacked_variant(d, m)
+            add(f"realign:{v}", "realign", inputs, method=m)
+            evaluate(v, "wbase", f"realign:{v}", v, "fine-tuning+post-fine-tuning")
     evals = [s for s in out if s.stage == "evaluate"]
     out.append(Step("report", "report", {s.variant: s.label for s in evals}))
     seen = [s.label for s in out]

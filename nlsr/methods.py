@@ -73,3 +73,18 @@ REALIGNERS.add("resta", "nlsr.resta:run",
                settings=("resta",))
 REALIGNERS.add("resta-base", "nlsr.resta:run",  # θ_u := W0 (δ = ΔW_a): not the paper's method, labelled apart
                inputs={"base": "wbase", "aligned": "align", "finetuned": "finetune"}, settings=("resta",))
+
+
+# ---- stacking: the main realigner on a fine-tuning-stage defense's own adapter (realign.stack_on)
+STACK_SEP = "-on-"  # MLflow names allow letters, digits, _ - . space : / only: "nlsr-on-lisa", not "lisa+nlsr"
+
+
+def stacked_variant(defense: str, method: str) -> str:
+    """The variant (and step suffix) of `method` applied on top of `defense`: 'nlsr-on-lisa'."""
+    return f"{method}{STACK_SEP}{defense}"
+
+
+def stacked_defense(variant: str) -> str | None:
+    """The defense a stacked variant sits on ('nlsr-on-lisa' -> 'lisa'), None for any other variant."""
+    method, sep, defense = variant.partition(STACK_SEP)
+    return defense if sep and method and defense else None

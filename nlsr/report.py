@@ -98,8 +98,11 @@ def variant_order() -> tuple[str, ...]:
 
 
 def variant_rank(v: str) -> tuple:
-    order = variant_order()
-    return (order.index(v) if v in order else len(order), v)
+    """Table position: the registry order; a stacked variant ('nlsr-on-lisa') right after its defense."""
+    from .methods import stacked_defense
+    order, defense = variant_order(), stacked_defense(v)
+    head = defense or v
+    return (order.index(head) if head in order else len(order), defense is not None, v)
 
 
 def extra_axes(axes: Iterable[str]) -> list[str]:
@@ -164,12 +167,14 @@ def summary_fields(rows: Iterable[dict]) -> tuple[str, ...]:
 
 
 def comparisons(variants: Iterable[str]) -> list[tuple[str, str]]:
-    """(A, B) pairs compared as A − B: the fine-tuning's effect, the realignment's, each baseline's, and the
-    realignment against each baseline."""
+    """(A, B) pairs compared as A − B: the fine-tuning's effect, the realignment's, each baseline's, the
+    realignment against each baseline, and a stacked variant ('nlsr-on-lisa') against its defense alone."""
+    from .methods import stacked_defense
     present = set(variants)
     baselines = sorted(present - {"aligned", "finetuned", "realigned"}, key=variant_rank)
     pairs = [("finetuned", "aligned"), ("realigned", "finetuned"), *((b, "finetuned") for b in baselines),
-             *(("realigned", b) for b in baselines)]
+             *(("realigned", b) for b in baselines),
+             *((b, stacked_defense(b)) for b in baselines if stacked_defense(b))]  # what stacking adds
     return [(a, b) for a, b in pairs if a in present and b in present]
 
 
@@ -335,6 +340,11 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
                             xerr=_err(pts, "harmful_score"), yerr=_err(pts, "task_accuracy"), fmt="o", label=v,
                             color=colours[v], markersize=5, alpha=0.85, elinewidth=0.8, capsize=2)
         _moves(ax, mine)
+        knobs = sorted({k for r in mine for k in r if "." in k})
+        for r in mine if knobs else ():  # a sweep: which value each defended point is
+            if r["variant"] not in ("aligned", "finetuned"):
+                ax.annotate(_knob_label(r, knobs), (r["harmful_score"], r["task_accuracy"]), fontsize=6,
+                            xytext=(3, -9), textcoords="offset points", color=colours[r["variant"]])
         front = [mine[i] for i in pareto_front([(r["harmful_score"], r["task_accuracy"]) for r in mine])]
         if front:
             ax.step([r["harmful_score"] for r in front], [r["task_accuracy"] for r in front], where="post",
@@ -342,7 +352,7 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
             for r in front:
                 ax.annotate(_point_label(r), (r["harmful_score"], r["task_accuracy"]), fontsize=7,
                             xytext=(4, 4), textcoords="offset points")
-        ax.set_title(str(task))
+        ax.set_title(str(task) + (f" (point labels: {', '.join(knobs)})" if knobs else ""), fontsize=10)
         ax.set_xlabel("harmful score (lower is better)")
         ax.set_ylabel("task accuracy (higher is better)")
         ax.grid(alpha=0.3)
@@ -377,6 +387,10 @@ def _moves(ax, points: list[dict]) -> None:
             ax.annotate("", xy=(b["harmful_score"], b["task_accuracy"]),
                         xytext=(a["harmful_score"], a["task_accuracy"]),
                         arrowprops=dict(arrowstyle="->", color="0.35", linewidth=1, shrinkA=4, shrinkB=4))
+
+
+def _knob_label(r: dict, knobs: list[str]) -> str:
+    return ", ".join(str(r.get(k)) for k in knobs)
 
 
 def _point_label(r: dict) -> str:

@@ -59,7 +59,7 @@ def key_for(stage: str, cfg: ExperimentConfig, inputs: dict[str, str | None], me
 
 # Fields that joined the config after results were recorded: at their default they stay out of the experiment
 # hash, so existing experiments keep their MLflow run (tag nlsr.config_hash) and report keys.
-LATE_FIELDS = {("alignment", "defenses"): [], ("evaluation", "task_split"): "test"}
+LATE_FIELDS = {("alignment", "defenses"): [], ("evaluation", "task_split"): "test", ("realign", "stack_on"): []}
 
 
 def experiment_hash(cfg: ExperimentConfig, length: int = 16) -> str:

@@ -57,6 +57,7 @@ READERS: dict[str, set[str] | None] = {
     "realign.method": {"evaluate:realigned"},
     "realign.baselines": set(),       # changes which baselines exist, not the keys of the others (see below)
     "finetune.defenses": set(),       # the same for the fine-tuning-stage defenses
+    "realign.stack_on": set(),        # adds its own steps (NLSR on a defense's adapter), changes no existing key
     "realign.layer_rate": NLSR_REALIGN, "realign.epsilon": NLSR_REALIGN, "realign.seed": NLSR_REALIGN,
     "realign.direction": NLSR_REALIGN,
     "realign.safelora_tau": {"realign:safelora"},
@@ -200,6 +201,8 @@ CASES = [([], {})] + VARIANTS
 # with RESTA evaluated, data.poison_source and realign.unaligned.source must differ and each has two values: neither
 # can change alone there; with Vaccine, alignment.method must stay 'dpo' (the smoke case covers all three)
 NO_VALID_CHANGE = {"data.poison_source", "realign.unaligned.source", "alignment.method"}
+# valid only beside a matching finetune.defenses entry: its own test below changes both together
+OWN_TEST = {"realign.stack_on"}
 
 
 @pytest.mark.parametrize("base_overrides, extra", CASES, ids=["smoke", "calibration", "local", "harmless", "antidote-resta", "defenses", "vaccine"])
@@ -210,7 +213,8 @@ def test_every_field_changes_exactly_the_keys_of_its_readers(base_overrides, ext
     assert len(fields) > 60
     problems = []
     for path in fields:
-        changed = changed_cfg(base_overrides, path, base, strict=not (base_overrides and path in NO_VALID_CHANGE))
+        strict = not (base_overrides and path in NO_VALID_CHANGE) and path not in OWN_TEST
+        changed = changed_cfg(base_overrides, path, base, strict=strict)
         if changed is None:
             continue
         after = plan(changed)
@@ -246,7 +250,7 @@ def test_an_alignment_stage_defense_adds_its_own_steps_and_changes_no_existing_k
     fine-tuning's config slice, continuing align:vaccine) and evaluate:vaccine; every existing step keeps its key
     (the report lists one more row). Vaccine's knobs go into its own keys only."""
     from nlsr.config import stable_hash
-    from tasks.keys import experiment_hash, key_for
+    from tasks.keys import LATE_FIELDS, experiment_hash, key_for
     cfg = load_config(SMOKE, ["alignment.defenses=[vaccine]"])
     before, vac = plan(load_config(SMOKE)), plan(cfg)
     assert set(vac) - set(before) == {"align:vaccine", "finetune:vaccine", "evaluate:vaccine"}
@@ -261,5 +265,24 @@ def test_an_alignment_stage_defense_adds_its_own_steps_and_changes_no_existing_k
     # the field joined the config later: at its default it stays out of the experiment hash (MLflow run identity)
     plain = load_config(SMOKE)
     dump = plain.model_dump(mode="json", exclude={"artifact_root", "tracking"})
-    del dump["alignment"]["defenses"]
+    for section, name in LATE_FIELDS:  # alignment.defenses and every other field that joined later
+        del dump[section][name]
     assert experiment_hash(plain) == stable_hash(dump) != experiment_hash(cfg)
+
+
+def test_stacking_the_realigner_on_a_defense_adds_its_own_steps_and_changes_no_existing_key():
+    """realign.stack_on=[lisa] adds realign:nlsr-on-lisa (NLSR's inputs, with Lisa's fine-tuned adapter in place of
+    the undefended one) and its evaluation; every existing step keeps its key. Stacking needs the defense in the
+    cell, on the aligned model's base."""
+    from nlsr.config import ConfigError
+    lisa = ["finetune.defenses=[lisa, non-aligned]"]
+    before, stacked = plan(load_config(SMOKE, lisa)), plan(load_config(SMOKE, [*lisa, "realign.stack_on=[lisa]"]))
+    assert set(stacked) - set(before) == {"realign:nlsr-on-lisa", "evaluate:nlsr-on-lisa"}
+    assert {k for k in before if before[k].key != stacked[k].key} == {"report"}
+    node = stacked["realign:nlsr-on-lisa"]
+    assert node.inputs == {**stacked["realign:nlsr"].inputs, "finetuned": stacked["finetune:lisa"].key}
+    assert stacked["evaluate:nlsr-on-lisa"].inputs["adapter"] == node.key
+    with pytest.raises(ConfigError, match="realign.stack_on: 'vlguard' is not in finetune.defenses"):
+        load_config(SMOKE, [*lisa, "realign.stack_on=[vlguard]"])
+    with pytest.raises(ConfigError, match="'non-aligned' fine-tunes the raw base"):
+        load_config(SMOKE, [*lisa, "realign.stack_on=[non-aligned]"])

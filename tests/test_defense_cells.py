@@ -39,9 +39,9 @@ def test_every_defense_runs_in_the_cell(smoke_grid):
     assert {"unalign", "finetune:non-aligned", "realign:antidote", "realign:resta", "align:vaccine",
             "finetune:vaccine"} <= set(nodes)
     rows = read_csv(root / "grids" / "smoke-defenses" / "results.csv")
-    assert len(rows) == 2 * 13
+    assert len(rows) == 2 * 14
     by_variant = {r["variant"]: r for r in rows}
-    assert set(by_variant) == {"aligned", "finetuned", "vaccine"} | FINETUNE | POST
+    assert set(by_variant) == {"aligned", "finetuned", "vaccine", "nlsr-on-lisa"} | FINETUNE | POST
     stages = {v: r["defense_stage"] for v, r in by_variant.items()}
     assert stages["aligned"] == "alignment" and all(stages[v] == "fine-tuning" for v in FINETUNE)
     assert stages["vaccine"] == "alignment" and by_variant["vaccine"]["defense"] == "vaccine"
@@ -52,6 +52,11 @@ def test_every_defense_runs_in_the_cell(smoke_grid):
     assert nodes["realign:antidote"].inputs["finetuned"] == nodes["finetune"].key
     assert nodes["realign:resta"].inputs["unaligned"] == nodes["unalign"].key
     assert nodes["finetune:non-aligned"].inputs["adapter"] is None
+    # NLSR stacked on Lisa: the same realignment, on Lisa's own fine-tuned adapter; compared with Lisa alone
+    assert nodes["realign:nlsr-on-lisa"].inputs == {**nodes["realign:nlsr"].inputs, "finetuned": nodes["finetune:lisa"].key}
+    assert by_variant["nlsr-on-lisa"]["defense_stage"] == "fine-tuning+post-fine-tuning"
+    paired = read_csv(root / "grids" / "smoke-defenses" / "paired.csv")
+    assert any(p["a"] == "nlsr-on-lisa" and p["b"] == "lisa" for p in paired)
     # Vaccine: its own aligned adapter from the shared W0, which the undefended fine-tuning continues
     assert nodes["align:vaccine"].inputs == nodes["align"].inputs == {"w0": nodes["sft"].key}
     assert nodes["finetune:vaccine"].inputs == {**nodes["finetune"].inputs, "adapter": nodes["align:vaccine"].key}
