@@ -6,7 +6,6 @@ MLflow writes to SQLite under the artifact root. Heavy imports happen inside the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -171,9 +170,9 @@ def _grid(args) -> int:
     result = run_grid(grid.model_dump(mode="json"), str(Path(args.grid).parent.resolve()), overrides,
                       pool=args.pool, deployment=args.deployment, timeout=args.timeout)
     print("\n" + report.text_report(result["rows"]))
-    if grid.choose and (Path(result["out"]) / "choice.json").is_file() and not result["failed"]:
+    if result.get("choice"):
         from nlsr.choice import markdown
-        print("\n" + markdown(json.loads((Path(result["out"]) / "choice.json").read_text())))
+        print("\n" + markdown(result["choice"]))
     print(f"grid {grid.name}: {time.perf_counter() - t0:.1f} s; table and plot in {result['out']}")
     if result["failed"]:
         print(f"nlsr grid: {len(result['failed'])} cell(s) failed: {result['failed']}; run the same command "

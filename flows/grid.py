@@ -95,8 +95,9 @@ def grid_flow(grid: GridConfig, grid_dir: str = ".", overrides: list[str] | None
             rows += [{**r, **{a: point[a] for a in extra}} for r in found or []]  # e.g. a realign.layer_rate sweep
         out = ArtifactStore(cells[0].artifact_root).root / "grids" / grid.name
         paths = report.write_results(rows, out, title=grid.name) if rows else {}
-        if grid.choose and rows and not failed:
-            paths["choice"] = write_choice(grid, rows, out)
+        chosen = write_choice(grid, rows, out) if grid.choose and rows and not failed else None
+        if chosen:
+            paths["choice"] = out / "choice.json"
         for path in paths.values():
             parent.log_file(path, "results")
         parent.log_metrics({"cells": len(cells), "cells_failed": len(failed)})
@@ -109,16 +110,17 @@ def grid_flow(grid: GridConfig, grid_dir: str = ".", overrides: list[str] | None
         parent.finish("FAILED")
         raise
     parent.finish("FAILED" if failed else "FINISHED")
-    return {"rows": rows, "out": str(out), "failed": failed, "parent_run_id": parent.run_id}
+    return {"rows": rows, "out": str(out), "failed": failed, "parent_run_id": parent.run_id, "choice": chosen}
 
 
-def write_choice(grid: GridConfig, rows: list[dict], out) -> object:
+def write_choice(grid: GridConfig, rows: list[dict], out) -> dict:
     """A sweep's chosen knob (nlsr.choice): choice.json, and its table appended to results.md."""
     knob = choice.knob_axis(grid.axes)
     chosen = choice.choose(report.summarize(rows), knob, grid.choose.variant, grid.axes[knob], grid.choose.tolerance)
     with (out / "results.md").open("a") as f:
         f.write("\n## Knob choice (dev data only)\n\n" + choice.markdown(chosen))
-    return write_json(chosen, out / "choice.json")
+    write_json(chosen, out / "choice.json")
+    return chosen
 
 
 def _local(cells, labels, grid_name: str, parent_run_id: str) -> list[str]:

@@ -123,12 +123,24 @@ def _realign(cfg, method=None):
     return {"method": method, "realign": cfg.realign.settings(method)}
 
 
+# Fields that joined the config after results were recorded: at their default they stay out of the keys and of the
+# experiment hash (tasks/keys.experiment_hash), so existing artifacts, MLflow runs and report keys stay valid.
+LATE_FIELDS = {("alignment", "defenses"): [], ("evaluation", "task_split"): "test", ("realign", "stack_on"): []}
+
+
+def drop_late_defaults(dump: dict, section: str | None = None) -> dict:
+    """`dump` (the whole config's, or `section`'s) without the late fields that hold their default."""
+    for (sec, name), default in LATE_FIELDS.items():
+        part = dump if section == sec else dump.get(sec) if section is None else None
+        if part is not None and part.get(name, default) == default:
+            part.pop(name, None)
+    return dump
+
+
 def _evaluate(cfg, method=None):
     # The judge's identity (name + weights hash): new judge weights -> new evaluations.
-    evaluation = cfg.evaluation.model_dump()
-    if evaluation["task_split"] == "test":  # the split joined later: at its default, keys stay as they were
-        del evaluation["task_split"]
-    out = {**_common(cfg), "task": cfg.data.task, "evaluation": evaluation,
+    out = {**_common(cfg), "task": cfg.data.task,
+           "evaluation": drop_late_defaults(cfg.evaluation.model_dump(), "evaluation"),
            "judge_identity": judge_identity(cfg.evaluation.judge, cfg.evaluation.judge_path)}
     if is_prompt_file(cfg.evaluation.harmful_set):  # a user's file: its content, not its name, is the input
         out["harmful_set_sha256"] = hashlib.sha256(Path(cfg.evaluation.harmful_set).read_bytes()).hexdigest()

@@ -57,18 +57,13 @@ def key_for(stage: str, cfg: ExperimentConfig, inputs: dict[str, str | None], me
     return stage_key(stage, STAGE_VERSIONS[stage], stage_config(stage, cfg, method), inputs)
 
 
-# Fields that joined the config after results were recorded: at their default they stay out of the experiment
-# hash, so existing experiments keep their MLflow run (tag nlsr.config_hash) and report keys.
-LATE_FIELDS = {("alignment", "defenses"): [], ("evaluation", "task_split"): "test", ("realign", "stack_on"): []}
+LATE_FIELDS = dag.LATE_FIELDS  # at their default, out of the experiment hash (existing MLflow runs keep theirs)
 
 
 def experiment_hash(cfg: ExperimentConfig, length: int = 16) -> str:
     """Identity of the experiment itself: the config minus where things are stored (artifact root, tracking)."""
     dump = cfg.model_dump(mode="json", exclude={"artifact_root", "tracking"})
-    for (section, name), default in LATE_FIELDS.items():
-        if dump[section][name] == default:
-            del dump[section][name]
-    return stable_hash(dump, length)
+    return stable_hash(dag.drop_late_defaults(dump), length)
 
 
 def cell_descriptor(cfg: ExperimentConfig) -> dict:
