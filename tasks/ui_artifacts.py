@@ -160,13 +160,25 @@ def view_state(variants: Iterable[str], expand: Iterable[str] = ()) -> dict:
             "orderByAsc": False, "runsExpanded": {run_id: True for run_id in expand}}
 
 
+def set_tag(client, experiment_id: str, key: str, value: str) -> None:
+    """set_experiment_tag, safe when two runs tag a fresh experiment at once: MLflow's SQL store inserts a new tag,
+    and the second insert fails on the unique key; by then the tag exists, and setting it again updates it."""
+    from mlflow.exceptions import MlflowException
+    try:
+        client.set_experiment_tag(experiment_id, key, value)
+    except MlflowException as err:
+        if "UNIQUE constraint" not in str(err):
+            raise
+        client.set_experiment_tag(experiment_id, key, value)
+
+
 def prepare_experiment(client, experiment_id: str) -> None:
     """Open on the runs table (experiment kind), with the realigned model's harmful score as the primary metric
     (its chart comes first in the chart view); once per experiment."""
     tags = client.get_experiment(experiment_id).tags
     for key, value in ((EXPERIMENT_KIND_TAG, EXPERIMENT_KIND), (PRIMARY_METRIC_TAG, PRIMARY_METRIC)):
         if tags.get(key) != value:
-            client.set_experiment_tag(experiment_id, key, value)
+            set_tag(client, experiment_id, key, value)
 
 
 def publish_view(client, experiment_id: str, variants: Iterable[str], parent_run_id: str | None = None) -> None:
@@ -177,9 +189,9 @@ def publish_view(client, experiment_id: str, variants: Iterable[str], parent_run
     expand = set(old.get("runsExpanded", {})) | ({parent_run_id} if parent_run_id else set())
     state = view_state(known | set(variants), expand)
     if state != old:
-        client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(state))
+        set_tag(client, experiment_id, VIEW_TAG, json.dumps(state))
     if not exp.tags.get(NOTE_TAG):
-        client.set_experiment_tag(experiment_id, NOTE_TAG, experiment_note(experiment_id))
+        set_tag(client, experiment_id, NOTE_TAG, experiment_note(experiment_id))
 
 
 def experiment_note(experiment_id: str) -> str:
