@@ -150,10 +150,14 @@ def test_prefect_names_runs_after_the_cell_and_keeps_its_results(first):
     assert title == "sst2 p=0.1 dpo/lowrank seed=0"
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[title])))
-        assert runs and runs[0].infrastructure_pid == f"{socket.gethostname()}:{os.getpid()}"
+        # other tests (other xdist workers, same Prefect database) run cells with this title too: keep this
+        # process's runs, which `first` and the cached rerun made
+        mine = [r for r in runs if r.infrastructure_pid == f"{socket.gethostname()}:{os.getpid()}"]
+        assert mine, [r.infrastructure_pid for r in runs]
         artifacts = client.read_artifacts()
-    texts = [a.data for a in artifacts if a.flow_run_id == runs[-1].id and a.type == "markdown"]
-    assert texts and "harmful score ⬇" in texts[0] and "| restore-modules |" in texts[0]
+    ours = {r.id for r in mine}
+    texts = [a.data for a in artifacts if a.flow_run_id in ours and a.type == "markdown"]
+    assert any("harmful score ⬇" in t and "| restore-modules |" in t for t in texts), texts
 
 
 def test_a_run_whose_process_died_is_marked_crashed_by_the_next(first):
