@@ -95,8 +95,9 @@ def grid_flow(grid: GridConfig, grid_dir: str = ".", overrides: list[str] | None
             rows += [{**r, **{a: point[a] for a in extra}} for r in found or []]  # e.g. a realign.layer_rate sweep
         out = ArtifactStore(cells[0].artifact_root).root / "grids" / grid.name
         paths = report.write_results(rows, out, title=grid.name) if rows else {}
-        chosen = write_choice(grid, rows, out) if grid.choose and rows and not failed else None
-        if chosen:
+        chosen = None
+        if grid.choose and rows and not failed:
+            chosen = write_choice(grid, rows, out)
             paths["choice"] = out / "choice.json"
         for path in paths.values():
             parent.log_file(path, "results")

@@ -131,8 +131,10 @@ LATE_FIELDS = {("alignment", "defenses"): [], ("evaluation", "task_split"): "tes
 def drop_late_defaults(dump: dict, section: str | None = None) -> dict:
     """`dump` (the whole config's, or `section`'s) without the late fields that hold their default."""
     for (sec, name), default in LATE_FIELDS.items():
-        part = dump if section == sec else dump.get(sec) if section is None else None
-        if part is not None and part.get(name, default) == default:
+        if section not in (None, sec):
+            continue
+        part = dump if section == sec else dump.get(sec, {})
+        if part.get(name, default) == default:
             part.pop(name, None)
     return dump
 

@@ -57,11 +57,9 @@ def key_for(stage: str, cfg: ExperimentConfig, inputs: dict[str, str | None], me
     return stage_key(stage, STAGE_VERSIONS[stage], stage_config(stage, cfg, method), inputs)
 
 
-LATE_FIELDS = dag.LATE_FIELDS  # at their default, out of the experiment hash (existing MLflow runs keep theirs)
-
-
 def experiment_hash(cfg: ExperimentConfig, length: int = 16) -> str:
-    """Identity of the experiment itself: the config minus where things are stored (artifact root, tracking)."""
+    """Identity of the experiment itself: the config minus where things are stored (artifact root, tracking), and
+    minus the late fields at their default (nlsr.dag.LATE_FIELDS: existing MLflow runs keep their hash)."""
     dump = cfg.model_dump(mode="json", exclude={"artifact_root", "tracking"})
     return stable_hash(dag.drop_late_defaults(dump), length)
 

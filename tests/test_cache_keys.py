@@ -250,7 +250,8 @@ def test_an_alignment_stage_defense_adds_its_own_steps_and_changes_no_existing_k
     fine-tuning's config slice, continuing align:vaccine) and evaluate:vaccine; every existing step keeps its key
     (the report lists one more row). Vaccine's knobs go into its own keys only."""
     from nlsr.config import stable_hash
-    from tasks.keys import LATE_FIELDS, experiment_hash, key_for
+    from nlsr.dag import LATE_FIELDS
+    from tasks.keys import experiment_hash, key_for
     cfg = load_config(SMOKE, ["alignment.defenses=[vaccine]"])
     before, vac = plan(load_config(SMOKE)), plan(cfg)
     assert set(vac) - set(before) == {"align:vaccine", "finetune:vaccine", "evaluate:vaccine"}
