@@ -118,6 +118,12 @@ class AlignmentConfig(Strict):
     harmless_mix: float = Field(0.0, ge=0.0, le=1.0,
                                 description="fraction of harmless task rows mixed into safety SFT, so the model "
                                             "does not learn to refuse everything")
+    safety_answers: Literal["all", "refusals"] = Field(
+        "all", description="which safe answers align the model (safety SFT and the preference pairs): 'all' "
+                           "(the paper: BeaverTails' safe answers, PKU-SafeRLHF's chosen ones), or 'refusals' (only "
+                           "those that decline, by nlsr.judges.rules.is_refusal; pairs also need a rejected answer "
+                           "that does not): a small model taught by advice-style answers learns to answer, not to "
+                           "decline")
     defenses: list[AlignmentDefenseName] = Field(
         default_factory=list, description="alignment-stage defenses evaluated beside the undefended alignment, each "
                                           "its own aligned adapter (from W0) that the undefended fine-tuning then "

@@ -71,6 +71,8 @@ def _poison(cfg, method=None):
 def _sft(cfg, method=None):
     a = cfg.alignment
     out = {**_common(cfg), "lora": cfg.lora.model_dump(), "sft": a.sft.model_dump(), "harmless_mix": a.harmless_mix}
+    if a.safety_answers != "all":  # a late field: at its default it stays out, so existing keys hold
+        out["safety_answers"] = a.safety_answers
     if a.harmless_mix > 0:  # harmless rows come from the task: only then does the task matter
         out["task"] = cfg.data.task
     return out
@@ -80,6 +82,8 @@ def _align(cfg, method=None):
     a = cfg.alignment
     out = {**_common(cfg), "method": a.method, "lora": cfg.lora.model_dump(),
            "preference": a.preference.model_dump() if not ALIGNMENT.meta(a.method).get("raw_base") else None}
+    if a.safety_answers != "all" and out["preference"] is not None:  # late field, as in _sft
+        out["safety_answers"] = a.safety_answers
     if method:  # align:<d>, an alignment-stage defense: its name and its own knobs (defenses.<section>)
         out["defense"] = method
         section = ALIGNMENT_DEFENSES.meta(method).get("section")
@@ -125,7 +129,8 @@ def _realign(cfg, method=None):
 
 # Fields that joined the config after results were recorded: at their default they stay out of the keys and of the
 # experiment hash (tasks/keys.experiment_hash), so existing artifacts, MLflow runs and report keys stay valid.
-LATE_FIELDS = {("alignment", "defenses"): [], ("evaluation", "task_split"): "test", ("realign", "stack_on"): []}
+LATE_FIELDS = {("alignment", "defenses"): [], ("alignment", "safety_answers"): "all",
+               ("evaluation", "task_split"): "test", ("realign", "stack_on"): []}
 
 
 def drop_late_defaults(dump: dict, section: str | None = None) -> dict:
@@ -151,10 +156,11 @@ def _evaluate(cfg, method=None):
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("poison", 1, _poison, ("data",), doc="the poisoned fine-tuning mix"),
-    Stage("sft", 1, _sft, ("seed", "model.dtype", "data.template", "lora", "alignment.sft", "alignment.harmless_mix"),
+    Stage("sft", 1, _sft, ("seed", "model.dtype", "data.template", "lora", "alignment.sft", "alignment.harmless_mix",
+                           "alignment.safety_answers"),
           doc="safety SFT merged into the base: W0"),
     Stage("align", 1, _align, ("seed", "model.dtype", "data.template", "lora", "alignment.method",
-                               "alignment.preference", "defenses"),
+                               "alignment.preference", "alignment.safety_answers", "defenses"),
           doc="the aligned adapter ΔW_a; align:<a> under an alignment-stage defense"),
     Stage("reference", 1, _reference, ("reference",), doc="the safety reference adapter (pre-amplified)"),
     Stage("score", 1, _score, ("model.dtype", "data.template", "scoring", "evaluation.judge"), output=MASKS_FILE,

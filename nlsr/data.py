@@ -12,6 +12,7 @@ import json
 import random
 from functools import cache
 from pathlib import Path
+from typing import Callable
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -197,13 +198,16 @@ def _take(rows: list[dict], n: int | None, what: str) -> list[dict]:
     return rows[:n] if n is not None else rows
 
 
-def safety_sft_set(n: int | None = None, harmless_mix: float = 0.0, task: str = "sst2", seed: int = 0) -> list[dict]:
+def safety_sft_set(n: int | None = None, harmless_mix: float = 0.0, task: str = "sst2", seed: int = 0,
+                   refuses: Callable[[str], bool] | None = None) -> list[dict]:
     """Safe answers to risky prompts (Alpaca rows), optionally mixed with harmless task rows.
 
     Harmless rows come from the *end* of the task's train file (the poisoned mix takes from its start), so
-    that a model trained on refusals alone does not learn to refuse everything.
+    that a model trained on refusals alone does not learn to refuse everything. `refuses` given: only the safe
+    answers it calls refusals (alignment.safety_answers = 'refusals').
     """
-    rows = [{"instruction": r["prompt"], "input": "", "output": r["response"]} for r in load("safe")[SAFE_SFT]]
+    rows = [{"instruction": r["prompt"], "input": "", "output": r["response"]} for r in load("safe")[SAFE_SFT]
+            if refuses is None or refuses(r["response"])]
     rows = _take(rows, n, "safety SFT set")
     k = n_poison(len(rows), harmless_mix)
     if k:
@@ -213,16 +217,22 @@ def safety_sft_set(n: int | None = None, harmless_mix: float = 0.0, task: str = 
     return rows
 
 
-def preference_set(n: int | None = None, template: str = "alpaca", tokenizer=None) -> list[dict]:
-    """{prompt, chosen, rejected}: chosen is the safe answer (DPO / ORPO / SimPO)."""
-    rows = _take(load("pairs")[PAIRS_TRAIN], n, "preference set")
+def preference_set(n: int | None = None, template: str = "alpaca", tokenizer=None,
+                   refuses: Callable[[str], bool] | None = None) -> list[dict]:
+    """{prompt, chosen, rejected}: chosen is the safe answer (DPO / ORPO / SimPO). `refuses` given: only the pairs
+    whose chosen answer it calls a refusal and whose rejected one it does not."""
+    pairs = load("pairs")[PAIRS_TRAIN]
+    if refuses is not None:
+        pairs = [r for r in pairs if refuses(r["chosen"]) and not refuses(r["rejected"])]
+    rows = _take(pairs, n, "preference set")
     return [{"prompt": format_prompt(r["prompt"], "", template, tokenizer), "chosen": r["chosen"],
              "rejected": r["rejected"]} for r in rows]
 
 
-def kto_set(n: int | None = None, template: str = "alpaca", tokenizer=None) -> list[dict]:
+def kto_set(n: int | None = None, template: str = "alpaca", tokenizer=None,
+            refuses: Callable[[str], bool] | None = None) -> list[dict]:
     """{prompt, completion, label}: alternating desirable (chosen) and undesirable (rejected) answers, n in all."""
-    pairs = preference_set(None if n is None else (n + 1) // 2, template, tokenizer)
+    pairs = preference_set(None if n is None else (n + 1) // 2, template, tokenizer, refuses)
     rows = []
     for r in pairs:
         rows.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})

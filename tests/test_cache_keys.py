@@ -44,6 +44,7 @@ READERS: dict[str, set[str] | None] = {
     "data.template": TRAINED,
     "alignment.sft": {"sft"},
     "alignment.harmless_mix": {"sft"},
+    "alignment.safety_answers": {"sft", "align"},
     "alignment.method": {"align"},
     "alignment.preference": {"align"},
     "alignment.defenses": set(),      # adds its own steps, changes no existing key (see below)

@@ -114,6 +114,25 @@ def test_alignment_and_calibration_sets_are_disjoint():
     assert sum(r["input"] != "" for r in mixed) == 20
 
 
+def test_refusal_only_alignment_sets():
+    """alignment.safety_answers='refusals': every safe answer declines, every rejected answer does not; the rows
+    are the shipped ones (a filter, not a rewrite), in file order; too few refusals is a one-line error."""
+    from nlsr.judges.rules import is_refusal
+    sft = data.safety_sft_set(128, harmless_mix=0.25, refuses=is_refusal)
+    safety = [r for r in sft if r["input"] == ""]
+    assert len(sft) == 128 and len(safety) == 96 and all(is_refusal(r["output"]) for r in safety)
+    shipped = [r["response"] for r in data.load("safe")[data.SAFE_SFT] if is_refusal(r["response"])]
+    assert sorted(r["output"] for r in safety) == sorted(shipped[:96])
+    pref = data.preference_set(80, refuses=is_refusal)
+    assert len(pref) == 80
+    assert all(is_refusal(r["chosen"]) and not is_refusal(r["rejected"]) for r in pref)
+    assert not all(is_refusal(r["chosen"]) for r in data.preference_set(80))  # the paper's set is mostly answers
+    kto = data.kto_set(10, refuses=is_refusal)
+    assert [is_refusal(r["completion"]) for r in kto] == [r["label"] for r in kto]
+    with pytest.raises(DataError, match="safety SFT set: asked for 1000 rows, only"):
+        data.safety_sft_set(1000, refuses=is_refusal)
+
+
 def test_harmful_and_task_eval_sets():
     assert len(data.harmful_prompts("harmful_eval")) == 1000
     assert len(data.harmful_prompts("advbench", 10)) == 10
