@@ -28,6 +28,9 @@ def add_commands(sub) -> None:
     g.add_argument("grid", help="grid YAML (configs/grids/*.yaml)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every cell (repeatable)")
+    g.add_argument("--base", default=None, metavar="CONFIG",
+                   help="run the grid on this experiment YAML instead of the grid's own base (the grid is then "
+                        "named <grid>-on-<CONFIG stem>)")
     g.add_argument("--pool", default=None, help="submit cells to this work pool (needs PREFECT_API_URL and "
                                                 "`nlsr deploy`); default: run them here, one after another")
     g.add_argument("--deployment", default=None, help="deployment to submit to (default: nlsr-cell/nlsr-cell)")
@@ -154,6 +157,8 @@ def _grid(args) -> int:
     from nlsr import report
     from nlsr.config import load_grid
     grid = load_grid(args.grid)
+    if args.base:
+        grid = grid.on_base(args.base)
     overrides = [*_root_override(), *args.overrides]
     cells = grid.cells(Path(args.grid).parent, overrides)
     if grid.choose:

@@ -525,6 +525,17 @@ class GridConfig(Strict):
         path = Path(self.base).expanduser()
         return path if path.is_absolute() else Path(grid_dir) / path
 
+    def on_base(self, base: str | Path) -> GridConfig:
+        """The same grid on another experiment YAML (`nlsr grid --base`), named `<name>-on-<YAML stem>` so that its
+        MLflow experiment and results folder stay apart from the grid's own."""
+        path = Path(base).expanduser().resolve()
+        if not path.is_file():
+            raise ConfigError(f"--base: {base}: expected an experiment YAML file")
+        name = f"{self.name}-on-{path.stem}"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ConfigError(f"--base: {base}: expected a file name of letters, digits, '_', '.' or '-'")
+        return self.model_copy(update={"base": str(path), "name": name})
+
     def points(self) -> list[dict[str, Any]]:
         """The grid points, in order: one dict (dotted key -> value) per cell."""
         import itertools

@@ -100,7 +100,7 @@ def _sft_trainer(model, tok, rows: list[dict], tc: TrainConfig, cfg: ExperimentC
                                             processing_class=tok, peft_config=peft_config, **plug.kwargs)
 
 
-def _refuses(cfg: ExperimentConfig):
+def safety_answer_filter(cfg: ExperimentConfig):
     """The answer filter that alignment.safety_answers asks for: None (every safe answer) or the refusal test."""
     if cfg.alignment.safety_answers == "all":
         return None
@@ -110,7 +110,7 @@ def _refuses(cfg: ExperimentConfig):
 
 def _preference_rows(method: str, tok, cfg: ExperimentConfig):
     pc = cfg.alignment.preference
-    rows = data.preference_set(pc.n_samples, cfg.data.template, tok, _refuses(cfg))
+    rows = data.preference_set(pc.n_samples, cfg.data.template, tok, safety_answer_filter(cfg))
     _check_room(tok, [r["prompt"] for r in rows], pc, method)
     return _dataset(rows, f"{method} preference")
 
@@ -130,7 +130,7 @@ def kto_trainer(model, tok, cfg: ExperimentConfig, workdir: str, plug: TrainerPl
     from trl import KTOConfig, KTOTrainer
     plug = _no_trainer_swap("kto", plug)
     pc = cfg.alignment.preference
-    rows = data.kto_set(pc.n_samples, cfg.data.template, tok, _refuses(cfg))
+    rows = data.kto_set(pc.n_samples, cfg.data.template, tok, safety_answer_filter(cfg))
     _check_room(tok, [r["prompt"] for r in rows], pc, "KTO")
     args = KTOConfig(**{**_common_args(pc, cfg, workdir), **plug.args}, beta=pc.beta)
     # reference = the adapter-disabled model (W0): exactly the paper's reference policy
@@ -217,7 +217,8 @@ def safety_sft(cfg: ExperimentConfig, base: Path, out: Path) -> dict:
     t0 = time.time()
     tc = cfg.alignment.sft
     model, tok = _load(base, cfg)
-    rows = data.safety_sft_set(tc.n_samples, cfg.alignment.harmless_mix, cfg.data.task, cfg.seed, _refuses(cfg))
+    rows = data.safety_sft_set(tc.n_samples, cfg.alignment.harmless_mix, cfg.data.task, cfg.seed,
+                               safety_answer_filter(cfg))
     pc_rows = data.as_prompt_completion(rows, cfg.data.template, tok)
     modeling.set_seed(cfg.seed)  # the LoRA init draws random numbers
     with tempfile.TemporaryDirectory(prefix="nlsr-sft-") as work:

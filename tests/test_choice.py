@@ -12,6 +12,7 @@ import pytest
 from nlsr import data
 from nlsr.choice import ChoiceError, check_sweep, choose, knob_axis, markdown
 from nlsr.config import ConfigError, load_config, load_grid
+from nlsr.training import safety_answer_filter
 
 ROOT = Path(__file__).resolve().parents[1]
 GRIDS = ROOT / "configs" / "grids"
@@ -78,6 +79,19 @@ def test_every_shipped_sweep_chooses_on_dev_data_only():
         assert all(c.evaluation.harmful_set == "harmful_dev" and c.evaluation.task_split == "dev" for c in cells)
 
 
+def test_a_grid_runs_on_another_base_under_its_own_name(tmp_path):
+    """`nlsr grid --base`: the same sweep on the advice-aligned cell, named apart; the cells are that cell's."""
+    grid = load_grid(GRIDS / "sweep-nlsr-layer-rate.yaml").on_base(ROOT / "configs" / "advice-aligned.yaml")
+    assert grid.name == "sweep-nlsr-layer-rate-on-advice-aligned"
+    cells = grid.cells(GRIDS)
+    assert [c.realign.layer_rate for c in cells] == [0.3, 0.2, 0.5, 0.7]
+    assert {c.alignment.safety_answers for c in cells} == {"all"} and check_sweep(grid, cells)
+    own = load_grid(GRIDS / "sweep-nlsr-layer-rate.yaml").cells(GRIDS)
+    assert {c.alignment.safety_answers for c in own} == {"refusals"}
+    with pytest.raises(ConfigError, match="--base: .*nope.yaml: expected an experiment YAML file"):
+        load_grid(GRIDS / "sweep-nlsr-layer-rate.yaml").on_base(tmp_path / "nope.yaml")
+
+
 def test_a_sweep_on_evaluation_prompts_or_an_absent_variant_is_refused():
     grid = load_grid(GRIDS / "sweep-lisa-rho.yaml")
     with pytest.raises(ChoiceError, match="expected evaluation.harmful_set=harmful_dev"):
@@ -94,7 +108,8 @@ def test_task_dev_rows_are_train_rows_the_cell_never_trains_on():
     assert len(dev) == data.TASK_DEV_ROWS
     key = lambda r: (r["instruction"], r["input"], r["output"])  # noqa: E731
     mix = data.poison_mix("sst2", cfg.data.n, cfg.data.poison_ratio, cfg.data.seed)
-    sft = data.safety_sft_set(cfg.alignment.sft.n_samples, cfg.alignment.harmless_mix, "sst2", cfg.seed)
+    sft = data.safety_sft_set(cfg.alignment.sft.n_samples, cfg.alignment.harmless_mix, "sst2", cfg.seed,
+                              safety_answer_filter(cfg))
     trained = {key(r) for r in mix + sft}
     assert sum(r["flag"] == "finetune" for r in mix) == cfg.task_train_use()[0]
     assert not {key(r) for r in dev} & trained

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MICRO = [
     "data.n=24", "data.poison_ratio=0.25",
     "alignment.sft.max_steps=2", "alignment.sft.batch_size=4", "alignment.sft.n_samples=8",
-    "alignment.preference.max_steps=1", "alignment.preference.batch_size=2", "alignment.preference.n_samples=2",
+    "alignment.preference.max_steps=1", "alignment.preference.batch_size=2", "alignment.preference.grad_accum=1",
+    "alignment.preference.n_samples=2",
     "finetune.max_steps=2", "finetune.batch_size=4", "finetune.epochs=1",
     "scoring.n_samples=4", "scoring.max_length=64",
     "evaluation.harmful_limit=4", "evaluation.task_limit=4", "evaluation.max_new_tokens=8",
