@@ -128,6 +128,16 @@ def test_a_sweep_grid_chooses_its_knob_on_dev_data(smoke_grid, tmp_path, capsys)
     summary = read_csv(out / "summary.csv")
     assert chosen == choice.choose(summary, chosen["knob"], "antidote", [0.5, 0.1])  # the rule, on what was run
     assert "## Knob choice (dev data only)" in (out / "results.md").read_text()
+    # the same sweep on another cell (`nlsr grid --base`): its own name and folder, that cell's seed
+    other = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    other["seed"] = 1
+    (tmp_path / "smoke-seed1.yaml").write_text(yaml.safe_dump(other))
+    assert main(["grid", str(path), "--base", str(tmp_path / "smoke-seed1.yaml"), "--set", f"artifact_root={root}"]) == 0
+    rows = read_csv(root / "grids" / "smoke-sweep-on-smoke-seed1" / "results.csv")
+    assert {r["seed"] for r in rows} == {1} and (root / "grids" / "smoke-sweep-on-smoke-seed1" / "choice.json").is_file()
+    capsys.readouterr()
+    assert main(["grid", str(path), "--base", str(tmp_path / "nope.yaml"), "--set", f"artifact_root={root}"]) == 2
+    assert "--base: " in capsys.readouterr().err
     # what was evaluated: harmful_dev prompts and the dev rows, never harmful_eval or the test rows
     cfg = load_grid(path).cells(tmp_path, [f"artifact_root={root}"])[0]
     dev_prompts = {r["prompt"] for r in data.harmful_prompts("harmful_dev")}
