@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from nlsr.config import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = [
     "data.n=24", "data.poison_ratio=0.25",
@@ -38,7 +40,8 @@ def test_default_cell_runs_on_the_embedded_model(tmp_path, embedded_base):
 
     rows = json.loads(next((root / "report").glob("*/rows.json")).read_text())
     by_variant = {r["variant"]: r for r in rows}
-    assert {"aligned", "finetuned", "realigned", "safelora", "restore-modules"} <= set(by_variant)
+    baselines = load_config(ROOT / "configs" / "default.yaml").realign.baselines
+    assert set(by_variant) == {"aligned", "finetuned", "realigned", *baselines} and baselines
     for r in rows:
         assert 0.0 <= r["harmful_score"] <= 100.0 and 0.0 <= r["task_accuracy"] <= 100.0
 
