@@ -71,8 +71,7 @@ def _poison(cfg, method=None):
 def _sft(cfg, method=None):
     a = cfg.alignment
     out = {**_common(cfg), "lora": cfg.lora.model_dump(), "sft": a.sft.model_dump(), "harmless_mix": a.harmless_mix}
-    if a.safety_answers != "all":  # a late field: at its default it stays out, so existing keys hold
-        out["safety_answers"] = a.safety_answers
+    out.update(drop_late_defaults({"safety_answers": a.safety_answers}, "alignment"))
     if a.harmless_mix > 0:  # harmless rows come from the task: only then does the task matter
         out["task"] = cfg.data.task
     return out
@@ -82,8 +81,8 @@ def _align(cfg, method=None):
     a = cfg.alignment
     out = {**_common(cfg), "method": a.method, "lora": cfg.lora.model_dump(),
            "preference": a.preference.model_dump() if not ALIGNMENT.meta(a.method).get("raw_base") else None}
-    if a.safety_answers != "all" and out["preference"] is not None:  # late field, as in _sft
-        out["safety_answers"] = a.safety_answers
+    if out["preference"] is not None:  # the pairs are filtered only where there are pairs
+        out.update(drop_late_defaults({"safety_answers": a.safety_answers}, "alignment"))
     if method:  # align:<d>, an alignment-stage defense: its name and its own knobs (defenses.<section>)
         out["defense"] = method
         section = ALIGNMENT_DEFENSES.meta(method).get("section")
