@@ -44,6 +44,9 @@ def add_commands(sub) -> None:
                         "finished cell under --root")
     r.add_argument("--tracking-uri", default=None, help="MLflow URI for --experiment (default: as `nlsr run`)")
     r.add_argument("--out", default=None, help="output folder (default: <root>/reports/<experiment or all>)")
+    r.add_argument("--compare", action="append", default=[], metavar="AXIS=VALUE",
+                   help="also test each other value of this grid axis against VALUE, same variant, paired on the "
+                        "prompts (e.g. scoring.method=lowrank; repeatable)")
     r.set_defaults(func=_report)
 
     d = sub.add_parser("deploy", help="register the cell flow with a Prefect server for a work pool")
@@ -174,7 +177,7 @@ def _grid(args) -> int:
     t0 = time.perf_counter()
     result = run_grid(grid.model_dump(mode="json"), str(Path(args.grid).parent.resolve()), overrides,
                       pool=args.pool, deployment=args.deployment, timeout=args.timeout)
-    print("\n" + report.text_report(result["rows"]))
+    print("\n" + report.text_report(result["rows"], grid.compare))
     if result.get("choice"):
         from nlsr.choice import markdown
         print("\n" + markdown(result["choice"]))
@@ -191,6 +194,8 @@ def _grid(args) -> int:
 def _report(args) -> int:
     from flows.results import collect_rows
     from nlsr import report
+    from nlsr.config import parse_override
+    compare = {".".join(key): value for key, value in map(parse_override, args.compare)}
     rows = collect_rows(args.root, args.experiment, args.tracking_uri)
     if not rows:
         print(f"nlsr report: no finished cells under {args.root}"
@@ -198,8 +203,14 @@ def _report(args) -> int:
         return 1
     name = (args.experiment or "all").replace("/", "-")
     out = Path(args.out) if args.out else Path(args.root) / "reports" / name
-    paths = report.write_results(rows, out, title=args.experiment)
-    print(report.text_report(rows))
+    columns = {c for r in rows for c in r}
+    for axis in compare:
+        if report.axis_column(axis) not in columns:
+            print(f"nlsr report: --compare {axis}: not a column of these results (columns: "
+                  f"{', '.join(report.grouping(rows))})", file=sys.stderr)
+            return 2
+    paths = report.write_results(rows, out, title=args.experiment, compare=compare)
+    print(report.text_report(rows, compare))
     print(f"{len(rows)} rows; tables: {paths['rows']}, {paths['summary']}, {paths['paired']}, {paths['markdown']}; "
           f"plot: {paths['plot']}")
     return 0

@@ -94,7 +94,7 @@ def grid_flow(grid: GridConfig, grid_dir: str = ".", overrides: list[str] | None
                 failed.append(label)
             rows += [{**r, **{a: point[a] for a in extra}} for r in found or []]  # e.g. a realign.layer_rate sweep
         out = ArtifactStore(cells[0].artifact_root).root / "grids" / grid.name
-        paths = report.write_results(rows, out, title=grid.name) if rows else {}
+        paths = report.write_results(rows, out, title=grid.name, compare=grid.compare) if rows else {}
         chosen = None
         if grid.choose and rows and not failed:
             chosen = write_choice(grid, rows, out)

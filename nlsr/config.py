@@ -513,12 +513,18 @@ class GridConfig(Strict):
     axes: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> values; the cells are "
                                                                         "the cartesian product")
     choose: GridChoice | None = Field(None, description="a sweep that chooses a knob (nlsr.choice); None: a plain grid")
+    compare: dict[str, Any] = Field(default_factory=dict, description="axis -> reference value: the report also "
+                                    "tests each other value of that axis against it, same variant, paired on prompts")
 
     @model_validator(mode="after")
     def _axes_non_empty(self):
         for key, values in self.axes.items():
             if not values:
                 raise ValueError(f"axes.{key}: expected a non-empty list of values")
+        for key, reference in self.compare.items():
+            if reference not in self.axes.get(key, []):
+                raise ValueError(f"compare.{key}: expected one of the values of axes.{key} "
+                                 f"({self.axes.get(key, 'not an axis')}), got {reference!r}")
         return self
 
     def base_path(self, grid_dir: str | Path = ".") -> Path:

@@ -5,7 +5,8 @@ scorer, seed, data seed, ...), the variant ('aligned', 'finetuned', 'realigned',
 harmful score (lower is better) and task accuracy (higher is better), each with its 95 % interval (`<score>_lo`,
 `<score>_hi`; nlsr.stats says how) and, in rows.json, the per-prompt verdicts it was computed from. Seeds are
 averaged in the summary table; the paired table compares the variants of each grid point on the same prompts
-(difference, interval, exact McNemar p-value), so a reader can tell which differences are more than noise.
+(difference, interval, exact McNemar p-value), so a reader can tell which differences are more than noise; a
+grid's `compare:` axes add the same test between grid points (each neuron scorer against low-rank, say).
 
 Pure library code (matplotlib with the Agg backend): no Prefect, no MLflow.
 """
@@ -178,6 +179,14 @@ def comparisons(variants: Iterable[str]) -> list[tuple[str, str]]:
     return [(a, b) for a, b in pairs if a in present and b in present]
 
 
+def _pair(a: dict[tuple, dict], b: dict[tuple, dict], name: str) -> dict | None:
+    """nlsr.stats.paired on score `name` of two rows per seed (seed -> row), over the seeds both have; None when
+    there are none or a row lacks that score's verdicts."""
+    seeds = sorted(set(a) & set(b))
+    va, vb = [a[s]["verdicts"].get(name) for s in seeds], [b[s]["verdicts"].get(name) for s in seeds]
+    return stats.paired(va, vb) if seeds and all(va) and all(vb) else None
+
+
 def paired(rows: Iterable[dict]) -> list[dict]:
     """Paired differences per grid point and score (nlsr.stats.paired): the cells (seeds) that evaluated both
     variants, on the same prompts. Rows without verdicts are left out."""
@@ -190,12 +199,7 @@ def paired(rows: Iterable[dict]) -> list[dict]:
     for key, by_variant in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         for name in names:
             for a, b in comparisons(by_variant):
-                seeds = sorted(set(by_variant[a]) & set(by_variant[b]))
-                va = [by_variant[a][s]["verdicts"].get(name) for s in seeds]
-                vb = [by_variant[b][s]["verdicts"].get(name) for s in seeds]
-                if not seeds or not all(va) or not all(vb):
-                    continue
-                res = stats.paired(va, vb)
+                res = _pair(by_variant[a], by_variant[b], name)
                 if res is not None:
                     out.append({**dict(zip(axes, key)), "metric": name, "a": a, "b": b, **res})
     return out
@@ -203,6 +207,57 @@ def paired(rows: Iterable[dict]) -> list[dict]:
 
 def paired_fields(rows: Iterable[dict]) -> tuple[str, ...]:
     return (*grouping(rows), *PAIRED_FIELDS)
+
+
+def axis_column(axis: str) -> str:
+    """The table column of a grid axis given by its dotted config key (scoring.method -> scorer) or its column."""
+    return AXIS_COLUMNS.get(axis, axis)
+
+
+def across(rows: Iterable[dict], axis: str, reference) -> list[dict]:
+    """Paired differences between grid points that differ only in `axis` (a dotted config key or its column):
+    each variant at every other value of the axis minus the same variant at `reference`, on the same prompts and
+    seeds, e.g. each neuron scorer's realigned model against low-rank's (`compare:` of a grid). A variant the axis
+    does not reach (the same evaluation at both points: the fine-tuned model across scorers) is left out."""
+    col = axis_column(axis)
+    rows = [r for r in rows if r.get("verdicts")]
+    axes = [a for a in grouping(rows) if a != col]
+    groups: dict[tuple, dict[str, dict[tuple, dict]]] = {}
+    for r in rows:
+        key = (tuple(r.get(a) for a in axes), r["variant"])
+        groups.setdefault(key, {}).setdefault(str(r.get(col)), {})[_seed_order(r)] = r
+    out = []
+    for (point, variant), by_value in sorted(groups.items(), key=lambda kv: (tuple(map(str, kv[0][0])),
+                                                                             variant_rank(kv[0][1]))):
+        ref = by_value.get(str(reference))
+        for value, by_seed in by_value.items():
+            seeds = sorted(set(by_seed) & set(ref or {}))
+            if value == str(reference) or not seeds or all(by_seed[s].get("eval_key") == ref[s].get("eval_key")
+                                                            and by_seed[s].get("eval_key") for s in seeds):
+                continue
+            for name in score_names(rows):
+                if name == "task_accuracy" and col == "task":  # other tasks' rows: nothing to pair
+                    continue
+                res = _pair(by_seed, ref, name)
+                if res is not None:
+                    out.append({**dict(zip(axes, point)), "variant": variant, "metric": name,
+                                "a": f"{variant} ({value})", "b": f"{variant} ({reference})", **res})
+    return out
+
+
+def across_fields(rows: Iterable[dict], axis: str) -> tuple[str, ...]:
+    return (*(a for a in grouping(rows) if a != axis_column(axis)), "variant", *PAIRED_FIELDS)
+
+
+def across_markdown(rows: list[dict], compare: dict | None) -> str:
+    """One paired table per `compare` axis (axis -> reference value), titled by it; empty without any."""
+    parts = []
+    for axis, reference in (compare or {}).items():
+        table = paired_markdown(across(rows, axis, reference))
+        if table:
+            parts.append(f"Across {axis_column(axis)}: each value against {reference}, same variant, same prompts "
+                         f"and seeds.\n\n{table}")
+    return "\n".join(parts)
 
 
 def _fmt(x) -> str:
@@ -402,18 +457,22 @@ def _point_label(r: dict) -> str:
     return " ".join(parts)
 
 
-def text_report(rows: list[dict]) -> str:
-    """The summary table with its interval caption, then the paired differences: what `nlsr report` prints."""
+def text_report(rows: list[dict], compare: dict | None = None) -> str:
+    """The summary table with its interval caption, then the paired differences within each grid point, then those
+    across the `compare` axes (axis -> reference value): what `nlsr report` prints."""
     summary = summarize(rows)
     text = markdown(summary, summary_fields(rows))
     caption = interval_caption(summary) if any(r.get("harmful_score_lo") is not None for r in summary) else ""
-    pairs = paired_markdown(paired(rows))
-    return text + (f"\n{caption}\n" if caption else "") + (f"\n{pairs}" if pairs else "")
+    pairs, cross = paired_markdown(paired(rows)), across_markdown(rows, compare)
+    return text + (f"\n{caption}\n" if caption else "") + (f"\n{pairs}" if pairs else "") \
+        + (f"\n{cross}" if cross else "")
 
 
-def write_results(rows: list[dict], out_dir: str | Path, title: str | None = None) -> dict[str, Path]:
-    """results.csv (every row), summary.csv (seed-averaged), paired.csv (paired differences), results.md (summary
-    and paired tables) and pareto.png (the summary, with intervals) in `out_dir`."""
+def write_results(rows: list[dict], out_dir: str | Path, title: str | None = None,
+                  compare: dict | None = None) -> dict[str, Path]:
+    """results.csv (every row), summary.csv (seed-averaged), paired.csv (paired differences), across-<axis>.csv per
+    `compare` axis (paired differences between grid points), results.md (summary and paired tables) and
+    pareto.png (the summary, with intervals) in `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     axes = grouping(rows)
@@ -427,5 +486,8 @@ def write_results(rows: list[dict], out_dir: str | Path, title: str | None = Non
              "paired": write_csv(paired(rows), out_dir / "paired.csv", paired_fields(rows)),
              "markdown": out_dir / "results.md",
              "plot": plot(summary, out_dir / "pareto.png", title)}
-    paths["markdown"].write_text((f"# {title}\n\n" if title else "") + text_report(rows))
+    for axis, reference in (compare or {}).items():
+        paths[f"across-{axis}"] = write_csv(across(rows, axis, reference), out_dir / f"across-{axis}.csv",
+                                            across_fields(rows, axis))
+    paths["markdown"].write_text((f"# {title}\n\n" if title else "") + text_report(rows, compare))
     return paths

@@ -328,7 +328,7 @@ def test_a_sweep_grid_reports_each_value(first, capsys):
     from tasks.keys import plan
     root = first["root"]
     grid = {"name": "sweep", "base": str(SMOKE), "overrides": [f"artifact_root={root}"],
-            "axes": {"realign.layer_rate": [0.3, 0.5]}}
+            "axes": {"realign.layer_rate": [0.3, 0.5]}, "compare": {"realign.layer_rate": 0.5}}
     (root / "sweep.yaml").write_text(yaml.safe_dump(grid))
     before = computed(ArtifactStore(root))
     assert main(["grid", str(root / "sweep.yaml")]) == 0
@@ -345,6 +345,16 @@ def test_a_sweep_grid_reports_each_value(first, capsys):
     assert main(["report", "--root", str(root), "--experiment", "nlsr/sweep"]) == 0
     text = capsys.readouterr().out
     assert "| realign.layer_rate |" in text and text.count("| realigned |") == 2
+    # compare: the same variant across the swept knob, paired on the prompts; what P_L does not reach is left out
+    across = read_csv(root / "grids" / "sweep" / "across-realign.layer_rate.csv")
+    assert {(r["a"], r["b"]) for r in across} >= {("realigned (0.3)", "realigned (0.5)")}
+    assert not {r["variant"] for r in across} & {"aligned", "finetuned", "safelora"}
+    assert "Across realign.layer_rate: each value against 0.5" in (root / "grids" / "sweep" / "results.md").read_text()
+    assert main(["report", "--root", str(root), "--experiment", "nlsr/sweep", "--compare",
+                 "realign.layer_rate=0.5"]) == 0
+    assert "realigned (0.3) − realigned (0.5)" in capsys.readouterr().out
+    assert main(["report", "--root", str(root), "--experiment", "nlsr/sweep", "--compare", "scoring.nope=1"]) == 2
+    assert "--compare scoring.nope: not a column" in capsys.readouterr().err
 
 
 def test_retries_transient_errors_but_not_oom():

@@ -150,3 +150,41 @@ def test_defense_cost_counts_only_the_steps_the_undefended_model_does_not_need(t
     summary = report.summarize([{**r, "harmful_score": 10.0, "task_accuracy": 50.0} for r in out.values()])
     assert {r["variant"]: r.get("defense_s") for r in summary}["realigned"] == out["realigned"]["defense_s"]
     assert "defense cost (s)" in report.markdown(summary)
+
+
+def test_across_pairs_grid_points_that_differ_in_one_axis(tmp_path):
+    """Each scorer's realigned model against low-rank's on the same prompts and seeds; the fine-tuned model, which
+    the scorer does not reach (same evaluation), is left out. Hand-computed: over 2 seeds x 4 prompts wanda flags
+    3 prompts low-rank does not and none the other way: +37.5 points, exact McNemar p = 2 * 0.5**3 = 0.25."""
+    from nlsr.stats import encode
+    verdicts = {("lowrank", "realigned", 0): [1, 0, 0, 0], ("lowrank", "realigned", 1): [0, 0, 0, 0],
+                ("wanda", "realigned", 0): [1, 1, 1, 0], ("wanda", "realigned", 1): [0, 1, 0, 0],
+                ("lowrank", "finetuned", 0): [1, 1, 1, 1], ("lowrank", "finetuned", 1): [1, 1, 0, 1]}
+    rows = []
+    for (scorer, variant, seed), flags in verdicts.items():
+        rows.append({"task": "sst2", "poison_ratio": 0.2, "alignment": "dpo", "scorer": scorer, "realign": "nlsr",
+                     "seed": seed, "variant": variant, "harmful_score": 100 * sum(flags) / 4, "task_accuracy": 50.0,
+                     "eval_key": f"{scorer}-{variant}-{seed}" if variant == "realigned" else f"ft-{seed}",
+                     "verdicts": {"harmful_score": encode(flags)}})
+    for variant, seed in (("finetuned", 0), ("finetuned", 1)):  # the same fine-tuned evaluation in the wanda cells
+        rows.append({**next(r for r in rows if r["variant"] == variant and r["seed"] == seed), "scorer": "wanda"})
+    out = report.across(rows, "scoring.method", "lowrank")
+    assert [(r["variant"], r["a"], r["b"]) for r in out] == [("realigned", "realigned (wanda)", "realigned (lowrank)")]
+    r = out[0]
+    assert (r["n_seeds"], r["n_prompts"], r["a_only"], r["b_only"]) == (2, 4, 3, 0)
+    assert r["diff"] == 37.5 and abs(r["p_value"] - 0.25) < 1e-12
+    assert report.across(rows, "scorer", "snip") == []  # no such value: nothing to compare against
+    paths = report.write_results(rows, tmp_path, compare={"scoring.method": "lowrank"})
+    assert len(report.read_csv(paths["across-scoring.method"])) == 1
+    assert "Across scorer: each value against lowrank" in paths["markdown"].read_text()
+
+
+def test_grid_compare_must_name_an_axis_value():
+    import pytest
+
+    from nlsr.config import ConfigError, GridConfig, validate
+    spec = {"name": "g", "base": "../default.yaml", "axes": {"scoring.method": ["lowrank", "wanda"]}}
+    assert validate({**spec, "compare": {"scoring.method": "lowrank"}}, "g.yaml", GridConfig).compare
+    for bad in ({"scoring.method": "snip"}, {"data.seed": 0}):
+        with pytest.raises(ConfigError, match="compare"):
+            validate({**spec, "compare": bad}, "g.yaml", GridConfig)
