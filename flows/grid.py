@@ -52,12 +52,14 @@ def cell_run_name(grid_name: str, cfg: ExperimentConfig, label: str) -> str:
 
 
 def finished_rows(cfg: ExperimentConfig) -> list[dict] | None:
-    """The rows of a finished cell, found in the store by its planned report key (None: not finished)."""
+    """The rows of a finished cell, found in the store by its planned report key (None: not finished), with the
+    intervals and defense costs that `nlsr report` gives them (flows.results.judged), so both tables agree."""
+    from flows.results import judged
     store, key = ArtifactStore(cfg.artifact_root), plan(cfg)["report"].key
     if not store.done("report", key):
         return None
     import json
-    return json.loads((store.path("report", key) / "rows.json").read_text())
+    return judged(json.loads((store.path("report", key) / "rows.json").read_text()), store)
 
 
 def _absolute_root(cfg: ExperimentConfig) -> ExperimentConfig:

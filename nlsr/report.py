@@ -395,9 +395,11 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
                             xerr=_err(pts, "harmful_score"), yerr=_err(pts, "task_accuracy"), fmt="o", label=v,
                             color=colours[v], markersize=5, alpha=0.85, elinewidth=0.8, capsize=2)
         _moves(ax, mine)
-        knobs = sorted({k for r in mine for k in r if "." in k})
-        for r in mine if knobs else ():  # a sweep: which value each defended point is
-            if r["variant"] not in ("aligned", "finetuned"):
+        # the columns that tell this panel's points apart: a sweep's knob, or an axis such as the scorer (Table 5)
+        knobs = sorted({k for r in mine for k in r if "." in k}) \
+            + [a for a in AXES[1:] if len({str(r.get(a)) for r in mine}) > 1]
+        for r in mine if knobs else ():  # which value each point is, for the variants the knob moves
+            if len({(p["harmful_score"], p["task_accuracy"]) for p in mine if p["variant"] == r["variant"]}) > 1:
                 ax.annotate(_knob_label(r, knobs), (r["harmful_score"], r["task_accuracy"]), fontsize=6,
                             xytext=(3, -9), textcoords="offset points", color=colours[r["variant"]])
         front = [mine[i] for i in pareto_front([(r["harmful_score"], r["task_accuracy"]) for r in mine])]
@@ -405,7 +407,7 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
             ax.step([r["harmful_score"] for r in front], [r["task_accuracy"] for r in front], where="post",
                     color="black", linewidth=1, linestyle="--", label="Pareto front")
             for r in front:
-                ax.annotate(_point_label(r), (r["harmful_score"], r["task_accuracy"]), fontsize=7,
+                ax.annotate(r["variant"], (r["harmful_score"], r["task_accuracy"]), fontsize=7,
                             xytext=(4, 4), textcoords="offset points")
         ax.set_title(str(task) + (f" (point labels: {', '.join(knobs)})" if knobs else ""), fontsize=10)
         ax.set_xlabel("harmful score (lower is better)")
@@ -446,15 +448,6 @@ def _moves(ax, points: list[dict]) -> None:
 
 def _knob_label(r: dict, knobs: list[str]) -> str:
     return ", ".join(str(r.get(k)) for k in knobs)
-
-
-def _point_label(r: dict) -> str:
-    parts = [r["variant"]]
-    if r.get("poison_ratio") is not None:
-        parts.append(f"p={r['poison_ratio']}")
-    if r.get("alignment"):
-        parts.append(str(r["alignment"]))
-    return " ".join(parts)
 
 
 def text_report(rows: list[dict], compare: dict | None = None) -> str:

@@ -309,6 +309,9 @@ def test_grid_shares_alignment_and_reports(first, capsys):
     assert len(rows) == 10 and {r["poison_ratio"] for r in rows} == {0.1, 0.2}
     assert {r["data_seed"] for r in rows} == {cells[0].data.seed}  # the shuffle seed is in every row
     assert (out / "pareto.png").stat().st_size > 0 and (out / "results.md").is_file()
+    # the grid's table carries each defense's cost, as `nlsr report`'s does
+    assert all(r["defense_s"] > 0 for r in read_csv(out / "summary.csv") if r["variant"] == "realigned")
+    assert "defense cost (s)" in (out / "results.md").read_text()
 
     capsys.readouterr()
     assert main(["report", "--root", str(root), "--experiment", "nlsr/pair"]) == 0
