@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from flows.results import judged
 from nlsr import choice, report
 from nlsr.artifacts import ArtifactStore
 from nlsr.atomic import write_json
@@ -54,7 +55,6 @@ def cell_run_name(grid_name: str, cfg: ExperimentConfig, label: str) -> str:
 def finished_rows(cfg: ExperimentConfig) -> list[dict] | None:
     """The rows of a finished cell, found in the store by its planned report key (None: not finished), with the
     intervals and defense costs that `nlsr report` gives them (flows.results.judged), so both tables agree."""
-    from flows.results import judged
     store, key = ArtifactStore(cfg.artifact_root), plan(cfg)["report"].key
     if not store.done("report", key):
         return None

@@ -229,11 +229,9 @@ def across(rows: Iterable[dict], axis: str, reference) -> list[dict]:
     out = []
     for (point, variant), by_value in sorted(groups.items(), key=lambda kv: (tuple(map(str, kv[0][0])),
                                                                              variant_rank(kv[0][1]))):
-        ref = by_value.get(str(reference))
+        ref = by_value.get(str(reference)) or {}
         for value, by_seed in by_value.items():
-            seeds = sorted(set(by_seed) & set(ref or {}))
-            if value == str(reference) or not seeds or all(by_seed[s].get("eval_key") == ref[s].get("eval_key")
-                                                            and by_seed[s].get("eval_key") for s in seeds):
+            if value == str(reference) or _same_evaluations(by_seed, ref):
                 continue
             for name in score_names(rows):
                 if name == "task_accuracy" and col == "task":  # other tasks' rows: nothing to pair
@@ -243,6 +241,11 @@ def across(rows: Iterable[dict], axis: str, reference) -> list[dict]:
                     out.append({**dict(zip(axes, point)), "variant": variant, "metric": name,
                                 "a": f"{variant} ({value})", "b": f"{variant} ({reference})", **res})
     return out
+
+
+def _same_evaluations(a: dict[tuple, dict], b: dict[tuple, dict]) -> bool:
+    """True when the seeds both have evaluated the very same model (same evaluation key), or there are none."""
+    return all(a[s].get("eval_key") and a[s].get("eval_key") == b[s].get("eval_key") for s in set(a) & set(b))
 
 
 def across_fields(rows: Iterable[dict], axis: str) -> tuple[str, ...]:
