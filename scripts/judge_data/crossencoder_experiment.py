@@ -192,6 +192,27 @@ def training_data(recipe: dict) -> tuple[list[str], list[str], list[int], list[f
             [labels[i] for i in pick] + rl, [1.0] * len(pick) + [recipe["runtime_weight"]] * len(rl))
 
 
+def optimiser(body, head, recipe: dict, rows: int):
+    """AdamW (body at `lr`, head at `head_lr`) with linear warm-up/decay over all epochs. The warm-up starts at
+    1/warm, not 0 as in transformers' schedule: kept so that the judge card's cross-encoder numbers rerun exactly."""
+    import torch
+    opt = torch.optim.AdamW([{"params": list(body), "lr": recipe["lr"]},
+                             {"params": list(head), "lr": recipe["head_lr"]}], weight_decay=recipe["weight_decay"])
+    steps = recipe["epochs"] * -(-rows // recipe["batch_size"])
+    warm = max(1, int(recipe["warmup"] * steps))
+    return opt, torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+
+
+def balanced_targets(labels: list[int], weights: list[float], device=None):
+    """(targets, row weights) as tensors; harmful and safe rows carry the same total weight."""
+    import torch
+    y = torch.tensor(labels, dtype=torch.float32, device=device)
+    w = torch.tensor(weights, dtype=torch.float32, device=device)
+    pos, neg = float((w * y).sum()), float((w * (1 - y)).sum())
+    return y, w * torch.where(y > 0, (pos + neg) / (2 * pos), (pos + neg) / (2 * neg))
+
+
 def train_crossencoder(recipe: dict | None = None, log=print, on_epoch=None) -> CrossEncoderModel:
     """Fine-tune the upper layers + head on the cached output of the frozen part (one CPU thread: minutes)."""
     import torch
@@ -213,20 +234,9 @@ def train_crossencoder(recipe: dict | None = None, log=print, on_epoch=None) -> 
     upper = Upper(frozen)
     mods = upper.modules()
     mods.train()
-    opt = torch.optim.AdamW([{"params": upper.layers.parameters(), "lr": recipe["lr"]},
-                             {"params": upper.head.parameters(), "lr": recipe["head_lr"]}],
-                            weight_decay=recipe["weight_decay"])
+    opt, sched = optimiser(upper.layers.parameters(), upper.head.parameters(), recipe, len(ids))
+    y, w = balanced_targets(labels, weights)
     bs = recipe["batch_size"]
-    steps = recipe["epochs"] * ((len(ids) + bs - 1) // bs)
-    warm = max(1, int(recipe["warmup"] * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
-    y = torch.tensor(labels, dtype=torch.float32)
-    w = torch.tensor(weights, dtype=torch.float32)
-    # class balance: harmful and safe carry the same total weight
-    pos = float((w * y).sum())
-    neg = float((w * (1 - y)).sum())
-    w = w * torch.where(y > 0, (pos + neg) / (2 * pos), (pos + neg) / (2 * neg))
     gen = torch.Generator().manual_seed(recipe["seed"])
     step = 0
     for epoch in range(recipe["epochs"]):
