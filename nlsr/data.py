@@ -73,13 +73,9 @@ def verify_file(rel: str) -> Path:
     return path
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] = (), strings: tuple[str, ...] = ()) -> list[dict]:
-    """Read a JSON Lines file; a bad line, a missing field or a field of `strings` that is not a non-empty string is
-    an error naming file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"file {path} does not exist")
-    rows = []
+def jsonl_objects(path: Path, error: type[Exception] = DataError, expected: str = "a JSON object"):
+    """(line number, object) for each non-blank line of a JSON Lines file; a line that is not valid JSON or not an
+    object raises `error` naming the file and the line."""
     with path.open(encoding="utf-8") as fh:
         for i, line in enumerate(fh, 1):
             if not line.strip():
@@ -87,16 +83,27 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = (), strings: tuple[
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}, line {i}: not valid JSON ({err.msg})") from None
+                raise error(f"{path}, line {i}: not valid JSON ({err.msg})") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}, line {i}: expected a JSON object")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise DataError(f"{path}, line {i}: missing field(s) {missing}; expected {list(required)}")
-            bad = [k for k in strings if not (isinstance(row.get(k), str) and row[k].strip())]
-            if bad:
-                raise DataError(f"{path}, line {i}: field(s) {bad} must be non-empty strings")
-            rows.append(row)
+                raise error(f"{path}, line {i}: expected {expected}")
+            yield i, row
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = (), strings: tuple[str, ...] = ()) -> list[dict]:
+    """Read a JSON Lines file; a bad line, a missing field or a field of `strings` that is not a non-empty string is
+    an error naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"file {path} does not exist")
+    rows = []
+    for i, row in jsonl_objects(path):
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise DataError(f"{path}, line {i}: missing field(s) {missing}; expected {list(required)}")
+        bad = [k for k in strings if not (isinstance(row.get(k), str) and row[k].strip())]
+        if bad:
+            raise DataError(f"{path}, line {i}: field(s) {bad} must be non-empty strings")
+        rows.append(row)
     if not rows:
         raise DataError(f"{path} holds no rows")
     return rows

@@ -9,10 +9,10 @@ p_harmful > 0.5 and harmful = false.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
+from ..data import jsonl_objects
 from .registry import Judge, JudgeError, get_judge, judge_identity
 
 FIELDS = ("prompt", "answer")
@@ -25,23 +25,14 @@ def read_pairs(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise JudgeError(f"--in {path}: no such file (expected JSONL rows with 'prompt' and 'answer')")
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise JudgeError(f"{path}, line {i}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise JudgeError(f"{path}, line {i}: expected a JSON object with 'prompt' and 'answer'")
-            for field in FIELDS:
-                if field not in row:
-                    raise JudgeError(f"{path}, line {i}: missing field '{field}' (expected 'prompt' and 'answer')")
-                if not isinstance(row[field], str):
-                    raise JudgeError(f"{path}, line {i}: field '{field}' must be a string, "
-                                     f"got {type(row[field]).__name__}")
-            rows.append(row)
+    for i, row in jsonl_objects(path, JudgeError, "a JSON object with 'prompt' and 'answer'"):
+        for field in FIELDS:
+            if field not in row:
+                raise JudgeError(f"{path}, line {i}: missing field '{field}' (expected 'prompt' and 'answer')")
+            if not isinstance(row[field], str):
+                raise JudgeError(f"{path}, line {i}: field '{field}' must be a string, "
+                                 f"got {type(row[field]).__name__}")
+        rows.append(row)
     if not rows:
         raise JudgeError(f"{path} holds no rows (expected JSONL rows with 'prompt' and 'answer')")
     return rows
