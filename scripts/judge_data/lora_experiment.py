@@ -3,7 +3,9 @@ the model's own chat format, trained on the run-time train split (+ optionally a
 and measured on the run-time **dev** split after every epoch. The judge card's next step after the MiniLM
 cross-encoder tied the shipped classifier (nlsr/judge_card.md); this script says whether a model that reads meaning
 does better. Cost: on the shared 2-core CPU (busy with a grid) one training row took ≈ 4 s and one dev answer
-≈ 1.2 s, i.e. ≈ 90 min per epoch over 1,334 rows: a GPU job (`--device cuda`: minutes), not a CPU one.
+≈ 1.2 s, i.e. ≈ 90 min per epoch over 1,334 rows: a GPU job (`--device cuda`: minutes), not a CPU one. The lent GPU machine
+has torch, transformers, peft and scikit-learn but no network, and a call carries at most 64 MiB: the model
+(98 MB as the package's Q4_1 GGUF, 270 MB in fp16) has to travel in parts over calls to one warm machine.
 
 Input: "<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>" (prompt ≤ 64 tokens,
 answer ≤ 128), read at the final <|im_end|>: the causal model has seen the whole exchange there. LoRA (peft) on
