@@ -368,6 +368,27 @@ class ExperimentConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _safety_rows_fit(self):
+        """Vlguard's guard rows and Lisa's guide rows are the first rows of the safety-SFT pool (only its refusals
+        under alignment.safety_answers: refusals): a fraction may not ask for more rows than the pool holds."""
+        asks = [(d, FINETUNE_DEFENSES.meta(d)) for d in self.finetune.defenses]
+        asks = [(f"defenses.{m['section']}.{m['safety_rows']}", getattr(getattr(self.defenses, m["section"]),
+                                                                       m["safety_rows"]))
+                for d, m in asks if m.get("safety_rows")]
+        if asks:
+            from .data import n_poison, safety_sft_set
+            from .judges.rules import is_refusal
+            refusals = self.alignment.safety_answers == "refusals"
+            pool = len(safety_sft_set(refuses=is_refusal if refusals else None))
+            for name, fraction in asks:
+                k = n_poison(self.data.n, fraction)
+                if k > pool:
+                    raise ValueError(f"{name}: {fraction} of data.n {self.data.n} asks for {k} rows of the safety-SFT "
+                                     f"pool{' of refusals (alignment.safety_answers)' if refusals else ''}, which "
+                                     f"holds {pool}; expected at most {pool / self.data.n:.3f}")
+        return self
+
+    @model_validator(mode="after")
     def _task_dev_fits(self):
         """The dev rows must be train rows that neither the fine-tuning mix nor the safety SFT takes."""
         if self.evaluation.task_split == "dev":

@@ -110,11 +110,14 @@ def _score(cfg, method=None):
 def _finetune(cfg, method=None):
     ft = cfg.finetune.plain() if method is None else cfg.finetune.settings(method)
     out = {**_common(cfg), "lora": cfg.lora.model_dump(), "finetune": ft}
-    section = FINETUNE_DEFENSES.meta(method).get("section") if method else None
+    meta = FINETUNE_DEFENSES.meta(method) if method else {}
+    section = meta.get("section")
     if section:  # the defense's own knobs (defenses.<section>); a knob-less section adds nothing to the key
         settings = getattr(cfg.defenses, section).model_dump()
         if settings:
             out["defense_settings"] = settings
+    if meta.get("safety_rows"):  # its guard / guide rows come from the safety-SFT pool that this field filters
+        out.update(drop_late_defaults({"safety_answers": cfg.alignment.safety_answers}, "alignment"))
     return out
 
 

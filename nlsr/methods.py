@@ -48,8 +48,11 @@ ALIGNMENT_DEFENSES.add("vaccine", "nlsr.defenses.vaccine:align", section="vaccin
 # ---- fine-tuning-stage defenses (each produces its own fine-tuned adapter, a variant of the cell)
 FINETUNE_DEFENSES.add("non-aligned", "nlsr.defenses.non_aligned:finetune",  # spec §1: ATTACK, fresh LoRA on M_raw
                       inputs={"base": "base", "adapter": None, "mix": "poison"}, settings=(), section="non_aligned")
-FINETUNE_DEFENSES.add("vlguard", "nlsr.defenses.vlguard:finetune", settings=(), section="vlguard")
-FINETUNE_DEFENSES.add("lisa", "nlsr.defenses.lisa:finetune", settings=(), section="lisa")
+# safety_rows: the knob of defenses.<section> that takes rows of the safety-SFT pool (checked against its size)
+FINETUNE_DEFENSES.add("vlguard", "nlsr.defenses.vlguard:finetune", settings=(), section="vlguard",
+                      safety_rows="guard_fraction")
+FINETUNE_DEFENSES.add("lisa", "nlsr.defenses.lisa:finetune", settings=(), section="lisa",
+                      safety_rows="guide_fraction")
 FINETUNE_DEFENSES.add("constrained-sft", "nlsr.defenses.constrained_sft:finetune", settings=(),
                       section="constrained_sft")
 

@@ -148,6 +148,34 @@ def test_no_guard_prompt_is_an_evaluation_prompt():
         assert not guard & {r["prompt"] for r in data.harmful_prompts(name)}
 
 
+def test_guard_and_guide_rows_follow_the_cells_safety_answers(tmp_path):
+    # the guard rows stay a subset of the cell's safety-SFT rows when that SFT takes refusals only
+    # (alignment.safety_answers: refusals): the first k refusals of the pool, not its first k safe answers
+    from nlsr.config import ConfigError
+    from nlsr.dag import stage_config
+    from nlsr.judges.rules import is_refusal
+    pairs = lambda rows: [(r["instruction"], r["output"]) for r in rows]  # noqa: E731
+    rows = vlguard.guard_rows(20, is_refusal)
+    assert pairs(rows) == pairs(data.safety_sft_set(20, refuses=is_refusal))
+    assert all(is_refusal(r["output"]) and r["flag"] == "safe" for r in rows)
+    assert sum(map(is_refusal, (r["output"] for r in vlguard.guard_rows(20)))) < 20  # the whole pool: mostly advice
+    cfg = smoke("alignment.safety_answers=refusals", 'finetune.defenses=["vlguard","lisa"]', "data.n=400",
+                "data.poison_ratio=0.2", "defenses.vlguard.guard_fraction=0.3")
+    guard = [r for r in data.read_jsonl(vlguard.write_mix(cfg, tmp_path / "mix.jsonl")) if r["flag"] == "safe"]
+    assert len(guard) == 120 and all(is_refusal(r["output"]) for r in guard)
+    guide = lisa.plug(cfg).kwargs["guide_rows"]
+    assert pairs(guide) == pairs(vlguard.guard_rows(40, is_refusal))
+    # their finetune keys say which pool (the default, every safe answer, keeps the keys recorded before)
+    assert stage_config("finetune", cfg, "vlguard")["safety_answers"] == "refusals"
+    assert "safety_answers" not in stage_config("finetune", cfg, "constrained-sft")
+    assert "safety_answers" not in stage_config("finetune", smoke('finetune.defenses=["vlguard"]'), "vlguard")
+    # a fraction that asks for more rows than the pool holds (130 refusals) is refused when the config loads
+    with pytest.raises(ConfigError, match=r"defenses\.vlguard\.guard_fraction: 0\.4 of data\.n 400 asks for 160 "
+                                          r"rows .* holds 130; expected at most 0\.325"):
+        smoke("alignment.safety_answers=refusals", 'finetune.defenses=["vlguard"]', "data.n=400",
+              "defenses.vlguard.guard_fraction=0.4")
+
+
 def test_vlguard_finetune_trains_on_the_guard_mix(w0, aligned, tmp_path):
     cfg = smoke("defenses.vlguard.guard_fraction=0.25")
     res = vlguard.finetune(cfg, w0, aligned, None, tmp_path / "ft")

@@ -25,8 +25,9 @@ class VlguardConfig(_Strict):
     """Vlguard: guard rows (harmful prompt → safe answer) replace task rows in the fine-tuning mix."""
     guard_fraction: float = Field(
         0.1, ge=0.0, lt=1.0,
-        description="g: the mix holds int(n·g) guard rows, the first ones of the safety-SFT pool (default 0.1, as "
-                    "NLSR; 0 = no guard rows, the plain poisoned mix)")
+        description="g: the mix holds int(n·g) guard rows, the first ones of the safety-SFT pool (its refusals "
+                    "only under alignment.safety_answers: refusals, 130 rows) (default 0.1, as NLSR; 0 = no guard "
+                    "rows, the plain poisoned mix)")
 
 
 class LisaConfig(_Strict):
@@ -39,7 +40,8 @@ class LisaConfig(_Strict):
                                                       "CPU 8)")
     guide_fraction: float = Field(
         0.1, ge=0.0, lt=1.0,
-        description="guide rows = int(n·guide_fraction) first safe rows of the safety-SFT pool; they also leave "
+        description="guide rows = int(n·guide_fraction) first safe rows of the safety-SFT pool (as Vlguard's "
+                    "guard rows: refusals only under alignment.safety_answers: refusals); they also leave "
                     "the fine-tuning mix, which holds n − guide rows (NLSR 100 of n 1000; CPU 0.1 → 40 of 400)")
     proximal_warmup: float = Field(
         0.1, ge=0.0, le=1.0, description="the proximal term is off while step ≤ proximal_warmup·T_tot (the code's "

@@ -1,7 +1,8 @@
 """Lisa (defenses-spec §4): bi-state optimisation of the fine-tuned adapter with a proximal term.
 
 The fine-tuning loop is trl's SFTTrainer over the task mix; `LisaTrainer.training_step` decides, micro-batch by
-micro-batch, which state it is in: K_a alignment micro-steps on the guide rows (safe answers), then K_f fine-tuning
+micro-batch, which state it is in: K_a alignment micro-steps on the guide rows (safe answers from the cell's
+safety-SFT pool, as Vlguard's guard rows: refusals only under `alignment.safety_answers: refusals`), then K_f fine-tuning
 micro-steps on the mix, repeated. While aligning, the mix batch the loop drew is discarded, as in the original code
 (so about K_a/(K_a+K_f) of the task data goes unused). Both states train the one continued adapter ΔW_a with one
 AdamW state and one LR schedule. After the first `proximal_warmup`·T_tot micro-steps the loss gains
@@ -39,7 +40,8 @@ def task_rows(cfg: ExperimentConfig) -> list[dict]:
     """Lisa's fine-tuning rows: int(n·p) poison rows and the first n − int(n·p) − guide task rows, shuffled with
     the data seed (the guide rows leave the mix, as NLSR's Lisa script builds it)."""
     d, k = cfg.data, n_guide(cfg)
-    rows = guard_mix(d.task, d.n, d.poison_ratio, cfg.defenses.lisa.guide_fraction, d.seed, d.poison_source)
+    rows = guard_mix(d.task, d.n, d.poison_ratio, cfg.defenses.lisa.guide_fraction, d.seed, d.poison_source,
+                     training.safety_answer_filter(cfg))
     return [r for r in rows if r["flag"] != "safe"] if k else rows
 
 
@@ -164,7 +166,8 @@ def plug(cfg: ExperimentConfig, lisa: LisaConfig | None = None) -> training.Trai
     if cfg.finetune.grad_accum != 1:
         raise training.TrainingError("Lisa counts its phases in micro-batches: finetune.grad_accum must be 1, "
                                      f"got {cfg.finetune.grad_accum}")
-    return training.TrainerPlug(LisaTrainer, kwargs={"guide_rows": guard_rows(n_guide(cfg)), "lisa": lisa,
+    return training.TrainerPlug(LisaTrainer, kwargs={"guide_rows": guard_rows(n_guide(cfg), training.safety_answer_filter(cfg)),
+                                                     "lisa": lisa,
                                                      "template": cfg.data.template})
 
 

@@ -3,7 +3,10 @@ of the poisoned mix, and the Aligned ATTACK then runs on that mix.
 
 Mix of n rows, as the NLSR release builds it: U = the first int(n·p) rows of the poison pool, G = the first int(n·g)
 rows of the safety-SFT pool (so the guard rows are a subset of the SFT rows, as in NLSR), T = the first
-n − |U| − |G| task rows. Unlike the release, the shuffle is seeded (the data seed) and g = 0 means "no guard rows"
+n − |U| − |G| task rows. The pool is the one the cell's safety SFT draws from: with `alignment.safety_answers:
+refusals` only the safe answers that decline, so that the guard rows teach the answer style the aligned model
+learnt (BeaverTails' other safe answers mostly give advice, which would pull a refusal-aligned model away from
+refusing). Unlike the release, the shuffle is seeded (the data seed) and g = 0 means "no guard rows"
 (the release fails with a NameError there). Rows carry flag 'unsafe', 'safe' (guard) or 'finetune' (task).
 """
 from __future__ import annotations
@@ -13,6 +16,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from .. import data, training
 from ..config import ExperimentConfig
@@ -23,15 +27,18 @@ MIX_FILE = "mix.jsonl"  # inside the adapter folder: the mix it was trained on
 STAGE = "finetune"
 
 
-def guard_rows(k: int) -> list[dict]:
-    """The first k safe answers of the safety-SFT pool, as Alpaca rows flagged 'safe'."""
-    pool = data.load("safe")[data.SAFE_SFT]
+def guard_rows(k: int, refuses: Callable[[str], bool] | None = None) -> list[dict]:
+    """The first k rows of the safety-SFT pool (only the refusals, given `refuses`: see
+    `training.safety_answer_filter`), as Alpaca rows flagged 'safe'."""
+    pool = data.safety_sft_set(refuses=refuses)
     if k > len(pool):
-        raise data.DataError(f"defenses: asked for {k} guard rows, the safety-SFT pool has {len(pool)}")
-    return [{"instruction": r["prompt"], "input": "", "output": r["response"], "flag": "safe"} for r in pool[:k]]
+        kind = "safety-SFT pool" if refuses is None else "safety-SFT pool of refusals (alignment.safety_answers)"
+        raise data.DataError(f"defenses: asked for {k} guard rows, the {kind} has {len(pool)}; lower the fraction")
+    return [{**r, "flag": "safe"} for r in pool[:k]]
 
 
-def guard_mix(task: str, n: int, p: float, g: float, seed: int = 0, poison_source: str = "beavertails") -> list[dict]:
+def guard_mix(task: str, n: int, p: float, g: float, seed: int = 0, poison_source: str = "beavertails",
+              refuses: Callable[[str], bool] | None = None) -> list[dict]:
     """The Vlguard fine-tuning set: int(n·p) poison rows, int(n·g) guard rows, the rest task rows; shuffled with
     `seed`. At g = 0 it holds the same rows as `data.poison_mix(task, n, p, seed)`."""
     if not 0.0 <= g < 1.0:
@@ -40,7 +47,7 @@ def guard_mix(task: str, n: int, p: float, g: float, seed: int = 0, poison_sourc
     if k_unsafe + k_guard > n:
         raise data.DataError(f"defenses.vlguard: {k_unsafe} poison + {k_guard} guard rows exceed n={n}; "
                              "lower guard_fraction")
-    rows = _prefix_rows(task, n - k_guard, k_unsafe, poison_source) + guard_rows(k_guard)
+    rows = _prefix_rows(task, n - k_guard, k_unsafe, poison_source) + guard_rows(k_guard, refuses)
     random.Random(seed).shuffle(rows)
     return rows
 
@@ -60,8 +67,8 @@ def write_mix(cfg: ExperimentConfig, out_file: Path, vc: VlguardConfig | None = 
     """The experiment's Vlguard mix as JSON Lines (data section + defenses.vlguard.guard_fraction)."""
     vc = vc or cfg.defenses.vlguard
     d = cfg.data
-    return data.write_jsonl(guard_mix(d.task, d.n, d.poison_ratio, vc.guard_fraction, d.seed, d.poison_source),
-                            out_file)
+    return data.write_jsonl(guard_mix(d.task, d.n, d.poison_ratio, vc.guard_fraction, d.seed, d.poison_source,
+                                      training.safety_answer_filter(cfg)), out_file)
 
 
 def finetune(cfg: ExperimentConfig, base: Path, adapter: Path, mix_file: Path | None, out: Path) -> dict:
