@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -139,6 +139,13 @@ class AlignmentConfig(Strict):
                                  f"{self.method!r}")
         return self
 
+
+    def answer_filter(self) -> Callable[[str], bool] | None:
+        """The safe-answer filter `safety_answers` asks for: None (every answer) or the refusal test."""
+        if self.safety_answers == "all":
+            return None
+        from .judges.rules import is_refusal  # the same phrases that make an answer "safe" for the offline judges
+        return is_refusal
 
 class FinetuneConfig(TrainConfig):
     learning_rate: float = 1e-4
@@ -377,9 +384,8 @@ class ExperimentConfig(Strict):
                 for d, m in asks if m.get("safety_rows")]
         if asks:
             from .data import n_poison, safety_sft_set
-            from .judges.rules import is_refusal
             refusals = self.alignment.safety_answers == "refusals"
-            pool = len(safety_sft_set(refuses=is_refusal if refusals else None))
+            pool = len(safety_sft_set(refuses=self.alignment.answer_filter()))
             for name, fraction in asks:
                 k = n_poison(self.data.n, fraction)
                 if k > pool:

@@ -102,10 +102,7 @@ def _sft_trainer(model, tok, rows: list[dict], tc: TrainConfig, cfg: ExperimentC
 
 def safety_answer_filter(cfg: ExperimentConfig):
     """The answer filter that alignment.safety_answers asks for: None (every safe answer) or the refusal test."""
-    if cfg.alignment.safety_answers == "all":
-        return None
-    from .judges.rules import is_refusal  # the same phrases that make an answer "safe" for the offline judges
-    return is_refusal
+    return cfg.alignment.answer_filter()
 
 
 def _preference_rows(method: str, tok, cfg: ExperimentConfig):
