@@ -35,6 +35,9 @@ def add_commands(sub) -> None:
                                                 "`nlsr deploy`); default: run them here, one after another")
     g.add_argument("--deployment", default=None, help="deployment to submit to (default: nlsr-cell/nlsr-cell)")
     g.add_argument("--timeout", type=float, default=None, help="seconds to wait for submitted cells")
+    g.add_argument("--only", action="append", default=[], metavar="AXIS=VALUE",
+                   help="run only the cells with this value of a grid axis, e.g. --only data.seed=0 (repeatable); "
+                        "the table still holds every finished cell of the grid")
     g.set_defaults(func=_grid)
 
     r = sub.add_parser("report", help="print the results table and write the plot")
@@ -47,6 +50,11 @@ def add_commands(sub) -> None:
     r.add_argument("--compare", action="append", default=[], metavar="AXIS=VALUE",
                    help="also test each other value of this grid axis against VALUE, same variant, paired on the "
                         "prompts (e.g. scoring.method=lowrank; repeatable)")
+    r.add_argument("--rows", action="append", default=[], metavar="FILE",
+                   help="report the rows of these rows.jsonl files (written beside every grid's and report's "
+                        "results.csv, verdicts included) instead of a store: parts of one grid run on machines "
+                        "that share no store merge into one table; a cell in several files: the last one wins "
+                        "(repeatable)")
     r.set_defaults(func=_report)
 
     d = sub.add_parser("deploy", help="register the cell flow with a Prefect server for a work pool")
@@ -164,10 +172,12 @@ def _grid(args) -> int:
         grid = grid.on_base(args.base)
     overrides = [*_root_override(), *args.overrides]
     cells = grid.cells(Path(args.grid).parent, overrides)
+    run_here = grid.selected(args.only)
     if grid.choose:
         from nlsr.choice import check_sweep
         check_sweep(grid, cells)  # dev data only, and a variant the cells evaluate: refused before any training
-    print(f"grid {grid.name}: {len(cells)} cells over {', '.join(grid.axes) or 'no axes'}", flush=True)
+    print(f"grid {grid.name}: {len(cells)} cells over {', '.join(grid.axes) or 'no axes'}"
+          + (f"; running the {sum(run_here)} with {' '.join(args.only)}" if args.only else ""), flush=True)
     if args.pool and not os.environ.get("PREFECT_API_URL"):
         print("nlsr grid: --pool needs a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)",
               file=sys.stderr)
@@ -176,12 +186,14 @@ def _grid(args) -> int:
     from flows.grid import run_grid
     t0 = time.perf_counter()
     result = run_grid(grid.model_dump(mode="json"), str(Path(args.grid).parent.resolve()), overrides,
-                      pool=args.pool, deployment=args.deployment, timeout=args.timeout)
+                      pool=args.pool, deployment=args.deployment, timeout=args.timeout, only=args.only)
     print("\n" + report.text_report(result["rows"], grid.compare))
     if result.get("choice"):
         from nlsr.choice import markdown
         print("\n" + markdown(result["choice"]))
     print(f"grid {grid.name}: {time.perf_counter() - t0:.1f} s; table and plot in {result['out']}")
+    if result.get("not_run"):
+        print(f"nlsr grid: {len(result['not_run'])} cell(s) not run yet (outside --only): {result['not_run']}")
     if result["failed"]:
         print(f"nlsr grid: {len(result['failed'])} cell(s) failed: {result['failed']}; run the same command "
               f"again to resume them (finished stages are reused)", file=sys.stderr)
@@ -192,16 +204,23 @@ def _grid(args) -> int:
 # --------------------------------------------------------------------------------------------- report
 
 def _report(args) -> int:
-    from flows.results import collect_rows
+    from flows.results import collect_rows, disagreements, file_rows
     from nlsr import report
     from nlsr.config import parse_override
     compare = {".".join(key): value for key, value in map(parse_override, args.compare)}
-    rows = collect_rows(args.root, args.experiment, args.tracking_uri)
+    if args.rows and args.experiment:
+        print("nlsr report: --rows and --experiment: expected one source of rows, not both", file=sys.stderr)
+        return 2
+    rows = file_rows(args.rows) if args.rows else collect_rows(args.root, args.experiment, args.tracking_uri)
     if not rows:
         print(f"nlsr report: no finished cells under {args.root}"
               + (f" in experiment {args.experiment!r}" if args.experiment else ""), file=sys.stderr)
         return 1
-    name = (args.experiment or "all").replace("/", "-")
+    name = "rows" if args.rows else (args.experiment or "all").replace("/", "-")
+    differ = disagreements(rows)
+    if differ:
+        print(f"nlsr report: warning: {len(differ)} evaluation(s) appear with different verdicts ({', '.join(differ)}):"
+              f" the parts' shared stages differ (other hardware, code or lock file?)", file=sys.stderr)
     out = Path(args.out) if args.out else Path(args.root) / "reports" / name
     columns = {c for r in rows for c in r}
     for axis in compare:

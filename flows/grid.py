@@ -74,46 +74,54 @@ def _run_name() -> str:
 
 @flow(name=GRID_FLOW, flow_run_name=_run_name)
 def grid_flow(grid: GridConfig, grid_dir: str = ".", overrides: list[str] | None = None, pool: str | None = None,
-              deployment: str | None = None, timeout: float | None = None) -> dict:
+              deployment: str | None = None, timeout: float | None = None, only: list[str] | None = None) -> dict:
     log = get_run_logger()
     liveness.claim_and_reap(flow_run.id)
     cells = [_absolute_root(c) for c in grid.cells(grid_dir, overrides)]
     if grid.choose:
         choice.check_sweep(grid, cells)
     labels = [cell_label(p) for p in grid.points()]
-    spec = {**grid.model_dump(mode="json"), "extra_overrides": overrides or []}
+    run_here = grid.selected(only)
+    spec = {**grid.model_dump(mode="json"), "extra_overrides": overrides or [], "only": only or []}
     parent = Tracker.for_grid(grid.name, spec, cells[0], flow_run.id)
-    log.info(f"grid {grid.name}: {len(cells)} cells; MLflow parent run {parent.run_id}")
+    log.info(f"grid {grid.name}: {sum(run_here)} of {len(cells)} cells; MLflow parent run {parent.run_id}")
     try:
+        todo = [(c, label) for c, label, here in zip(cells, labels, run_here) if here]
         if pool:
-            failed = _submit(cells, labels, grid.name, parent.run_id, deployment or DEFAULT_DEPLOYMENT, timeout)
+            failed = _submit(*zip(*todo), grid.name, parent.run_id, deployment or DEFAULT_DEPLOYMENT, timeout)
         else:
-            failed = _local(cells, labels, grid.name, parent.run_id)
-        rows, extra = [], report.extra_axes(grid.axes)
-        for cfg, label, point in zip(cells, labels, grid.points()):
+            failed = _local(*zip(*todo), grid.name, parent.run_id)
+        # The table holds every finished cell of the grid, those run here and those another `--only` part (or an
+        # earlier run) left in the store; a cell outside `--only` and not in the store is "not run", not failed.
+        rows, missing, extra = [], [], report.extra_axes(grid.axes)
+        for cfg, label, point, here in zip(cells, labels, grid.points(), run_here):
             found = finished_rows(cfg)
-            if found is None and label not in failed:
+            if found is None and here and label not in failed:
                 failed.append(label)
+            elif found is None and not here:
+                missing.append(label)
             rows += [{**r, **{a: point[a] for a in extra}} for r in found or []]  # e.g. a realign.layer_rate sweep
         out = ArtifactStore(cells[0].artifact_root).root / "grids" / grid.name
         paths = report.write_results(rows, out, title=grid.name, compare=grid.compare) if rows else {}
         chosen = None
-        if grid.choose and rows and not failed:
+        if grid.choose and rows and not failed and not missing:
             chosen = write_choice(grid, rows, out)
             paths["choice"] = out / "choice.json"
         for path in paths.values():
             parent.log_file(path, "results")
-        parent.log_metrics({"cells": len(cells), "cells_failed": len(failed)})
+        parent.log_metrics({"cells": len(cells), "cells_failed": len(failed), "cells_not_run": len(missing)})
         parent.describe(grid_markdown(grid.name, report.markdown(report.summarize(rows)) if rows else "", len(cells),
                                       failed, {"plot": mlflow_image(parent.run_id, "results/pareto.png"),
-                                               "files": "`results/` (Artifacts tab); cells: the nested runs"}))
+                                               "files": "`results/` (Artifacts tab); cells: the nested runs"},
+                                      missing))
         parent.publish_view({r["variant"] for r in rows}, parent.run_id)
         _prefect_artifacts(grid.name, rows, failed)
     except BaseException:
         parent.finish("FAILED")
         raise
     parent.finish("FAILED" if failed else "FINISHED")
-    return {"rows": rows, "out": str(out), "failed": failed, "parent_run_id": parent.run_id, "choice": chosen}
+    return {"rows": rows, "out": str(out), "failed": failed, "not_run": missing, "parent_run_id": parent.run_id,
+            "choice": chosen}
 
 
 def write_choice(grid: GridConfig, rows: list[dict], out) -> dict:
@@ -188,8 +196,9 @@ def _prefect_artifacts(name: str, rows: list[dict], failed: list[str]) -> None:
 
 
 def run_grid(grid: dict, grid_dir: str, overrides: list[str] | None = None, pool: str | None = None,
-             deployment: str | None = None, timeout: float | None = None) -> dict:
+             deployment: str | None = None, timeout: float | None = None, only: list[str] | None = None) -> dict:
     """The grid flow, called from the CLI (a failure of the flow itself raises)."""
-    return grid_flow(GridConfig.model_validate(grid), grid_dir, overrides or [], pool, deployment, timeout)
+    return grid_flow(GridConfig.model_validate(grid), grid_dir, overrides or [], pool, deployment, timeout,
+                     only or [])
 
 

@@ -167,5 +167,41 @@ def latest_cells(cells: list[list[dict]], ids: list | None = None) -> list[dict]
     return [row for rows in latest.values() for row in rows]
 
 
+def file_rows(paths: list[str | Path]) -> list[dict]:
+    """Rows of rows.jsonl files (nlsr.report.write_results), e.g. parts of one grid run on machines that share no
+    store. A cell (its config hash) found in several files is taken from the last one; its intervals are computed
+    again from its verdicts."""
+    from nlsr.data import jsonl_objects
+    cells: dict[tuple, list[dict]] = {}
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise NLSRError(f"--rows {path}: no such file; expected a rows.jsonl written by `nlsr grid` or "
+                            f"`nlsr report`")
+        found: dict[tuple, list[dict]] = {}
+        for line, row in jsonl_objects(path, NLSRError, "a result row (a JSON object)"):
+            if not isinstance(row.get("variant"), str) or "harmful_score" not in row:
+                raise NLSRError(f"{path}, line {line}: expected a result row with 'variant' and 'harmful_score'")
+            cell = (row.get("name"), row.get("config_hash")) if row.get("config_hash") else (str(path), line)
+            found.setdefault(cell, []).append(report.with_intervals(row))
+        if not found:
+            raise NLSRError(f"--rows {path}: holds no rows")
+        cells.update(found)
+    return [row for rows in cells.values() for row in rows]
+
+
+def disagreements(rows: list[dict]) -> list[str]:
+    """Evaluations (eval_key) whose rows carry different verdicts: parts of a grid whose shared stages (SFT, the
+    aligned model...) came out differently, e.g. on other hardware; their merged table mixes two models."""
+    seen: dict[str, dict] = {}
+    out = []
+    for r in rows:
+        key, v = r.get("eval_key"), r.get("verdicts")
+        if key and v:
+            first = seen.setdefault(key, v)
+            if first != v and key not in out:
+                out.append(key)
+    return out
+
+
 def collect_rows(root: str | Path, experiment: str | None = None, uri: str | None = None) -> list[dict]:
     return mlflow_rows(root, experiment, uri) if experiment else store_rows(root)

@@ -575,6 +575,24 @@ class GridConfig(Strict):
         keys = list(self.axes)
         return [dict(zip(keys, combo)) for combo in itertools.product(*(self.axes[k] for k in keys))]
 
+    def selected(self, only: list[str] | None) -> list[bool]:
+        """Which points `nlsr grid --only AXIS=VALUE` runs (one flag per point): those holding every given value.
+        Several values of one axis select any of them. A grid too long for one machine or one sitting can so be
+        run in parts (one data seed at a time, say), here or on other machines whose rows.jsonl `nlsr report
+        --rows` merges."""
+        wanted: dict[str, list] = {}
+        for item in only or []:
+            path, value = parse_override(item)
+            key = ".".join(path)
+            if key not in self.axes:
+                raise ConfigError(f"--only {item}: {key!r} is not an axis of grid {self.name}; expected one of "
+                                  f"{sorted(self.axes) or 'none (the grid has no axes)'}")
+            if value not in self.axes[key]:
+                raise ConfigError(f"--only {item}: expected one of the values of axes.{key} {self.axes[key]}, "
+                                  f"got {value!r}")
+            wanted.setdefault(key, []).append(value)
+        return [all(point[k] in values for k, values in wanted.items()) for point in self.points()]
+
     def cells(self, grid_dir: str | Path = ".", extra: list[str] | None = None) -> list[ExperimentConfig]:
         """One validated ExperimentConfig per grid point (base + overrides + the point's values + extra)."""
         base = self.base_path(grid_dir)

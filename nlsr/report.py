@@ -34,6 +34,7 @@ SUMMARY_FIELDS = (*AXES, "variant", "n_seeds", "harmful_score", "harmful_score_l
                   "task_accuracy", "task_accuracy_lo", "task_accuracy_hi", "accuracy_std")
 PAIRED_FIELDS = ("metric", "a", "b", "n_seeds", "n_prompts", "diff", "diff_lo", "diff_hi", "a_only", "b_only",
                  "p_value")
+ROWS_FILE = "rows.jsonl"  # every row, verdicts included: what `nlsr report --rows` reads back
 EXTRA = "harmful_score_"  # harmful_score_<set>: the harmful score on an extra prompt set (AdvBench, HarmBench)
 COUNTS = {"harmful_score": "n_harmful", "task_accuracy": "n_task"}  # else n_<set> for harmful_score_<set>
 
@@ -466,9 +467,11 @@ def text_report(rows: list[dict], compare: dict | None = None) -> str:
 
 def write_results(rows: list[dict], out_dir: str | Path, title: str | None = None,
                   compare: dict | None = None) -> dict[str, Path]:
-    """results.csv (every row), summary.csv (seed-averaged), paired.csv (paired differences), across-<axis>.csv per
-    `compare` axis (paired differences between grid points), results.md (summary and paired tables) and
-    pareto.png (the summary, with intervals) in `out_dir`."""
+    """results.csv (every row), rows.jsonl (every row with its per-prompt verdicts: everything else here can be
+    rebuilt from it, `nlsr report --rows`), summary.csv (seed-averaged), paired.csv (paired differences),
+    across-<axis>.csv per `compare` axis (paired differences between grid points), results.md (summary and paired
+    tables) and pareto.png (the summary, with intervals) in `out_dir`."""
+    from .data import write_jsonl
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     axes = grouping(rows)
@@ -478,6 +481,7 @@ def write_results(rows: list[dict], out_dir: str | Path, title: str | None = Non
     extras = tuple(f for name in extra_scores(rows) for f in (name, f"{name}_lo", f"{name}_hi", f"n_{name[len(EXTRA):]}"))
     row_fields = (*ROW_FIELDS[:1 + len(AXES)], *extra, *ROW_FIELDS[1 + len(AXES):-2], *extras, *ROW_FIELDS[-2:])
     paths = {"rows": write_csv(rows, out_dir / "results.csv", row_fields),
+             "rows_jsonl": write_jsonl(rows, out_dir / ROWS_FILE),
              "summary": write_csv(summary, out_dir / "summary.csv", summary_fields(rows)),
              "paired": write_csv(paired(rows), out_dir / "paired.csv", paired_fields(rows)),
              "markdown": out_dir / "results.md",

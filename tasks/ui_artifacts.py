@@ -133,10 +133,12 @@ def cell_markdown(cfg: ExperimentConfig, rows: list[dict], links: dict[str, str]
 
 
 def grid_markdown(name: str, summary_table: str, n_cells: int, failed: list[str],
-                  links: dict[str, str] | None = None) -> str:
+                  links: dict[str, str] | None = None, not_run: list[str] | None = None) -> str:
     text = f"## grid {name}: {n_cells} cells\n\n{summary_table}"
     if failed:
         text += f"\nFailed cells (rerun the grid to resume them): {', '.join(failed)}\n"
+    if not_run:
+        text += f"\nCells not run yet (outside `--only`): {', '.join(not_run)}\n"
     if links:
         text += "\n" + "\n".join(f"- {k}: {v}" for k, v in links.items()) + "\n"
     return text

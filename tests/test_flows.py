@@ -323,6 +323,35 @@ def test_grid_shares_alignment_and_reports(first, capsys):
     assert (root / "reports" / "all" / "results.csv").is_file()
 
 
+def test_grid_only_runs_part_and_its_rows_merge(first, capsys):
+    """`nlsr grid --only AXIS=VALUE` runs the selected cells; the table holds every finished cell of the grid and
+    names the cells not run yet; its rows.jsonl rebuilds the same table with `nlsr report --rows`."""
+    from flows.cli import main
+    from nlsr.report import read_csv
+    from tasks.keys import plan
+    root = first["root"]
+    grid = {"name": "parts", "base": str(SMOKE), "overrides": [f"artifact_root={root}"],
+            "axes": {"data.poison_ratio": [0.1, 0.2, 0.05]}}
+    path = root / "parts.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    capsys.readouterr()
+    assert main(["grid", str(path), "--only", "data.poison_ratio=0.3"]) == 2  # refused before anything runs
+    assert "--only data.poison_ratio=0.3: expected one of the values of axes.data.poison_ratio" in \
+        capsys.readouterr().err
+    before = computed(ArtifactStore(root))
+    assert main(["grid", str(path), "--only", "data.poison_ratio=0.1", "--only", "data.poison_ratio=0.2"]) == 0
+    printed = capsys.readouterr().out
+    assert "running the 2 with" in printed and "1 cell(s) not run yet (outside --only): ['data.poison_ratio=0.05']" \
+        in printed
+    assert not ArtifactStore(root).done("finetune", plan(smoke(root, "data.poison_ratio=0.05"))["finetune"].key)
+    assert {stage for stage, _ in computed(ArtifactStore(root)) - before} <= {"report"}  # the pair grid's cells
+    out = root / "grids" / "parts"
+    assert {r["poison_ratio"] for r in read_csv(out / "results.csv")} == {0.1, 0.2}
+    assert main(["report", "--rows", str(out / "rows.jsonl"), "--out", str(root / "reports" / "parts")]) == 0
+    assert read_csv(root / "reports" / "parts" / "summary.csv") == read_csv(out / "summary.csv")
+    assert read_csv(root / "reports" / "parts" / "paired.csv") == read_csv(out / "paired.csv")
+
+
 def test_a_sweep_grid_reports_each_value(first, capsys):
     """A grid over a method parameter: each value is its own summary row (in the grid's table and in `nlsr
     report --experiment`), and only the stages that read it are recomputed."""

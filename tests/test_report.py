@@ -188,3 +188,82 @@ def test_grid_compare_must_name_an_axis_value():
     for bad in ({"scoring.method": "snip"}, {"data.seed": 0}):
         with pytest.raises(ConfigError, match="compare"):
             validate({**spec, "compare": bad}, "g.yaml", GridConfig)
+
+
+def seed_cell(seed: int, harmful: list[bool]) -> list[dict]:
+    """One cell's rows, with per-prompt verdicts, as a grid of data seeds reports them."""
+    from nlsr.stats import encode
+    descriptor = {"name": "default", "task": "sst2", "poison_ratio": 0.2, "alignment": "dpo", "scorer": "lowrank",
+                  "realign": "nlsr", "seed": 0, "data_seed": seed, "config_hash": f"cell{seed}"}
+    evals = {"finetuned": {"harmful_score": 100 * sum(harmful) / len(harmful), "n_harmful": len(harmful),
+                           "task_accuracy": 75.0, "n_task": 4},
+             "realigned": {"harmful_score": 0.0, "n_harmful": len(harmful), "task_accuracy": 75.0, "n_task": 4}}
+    verdicts = {"finetuned": {"harmful_score": encode(harmful), "task_accuracy": encode([True, True, True, False])},
+                "realigned": {"harmful_score": encode([False] * len(harmful)),
+                              "task_accuracy": encode([True, True, False, True])}}
+    return [{**r, "config_hash": f"cell{seed}"} for r in
+            report.cell_rows(descriptor, evals, {"finetuned": f"f{seed}", "realigned": f"r{seed}"}, verdicts)]
+
+
+def test_rows_files_merge_parts_of_a_grid_into_one_report(tmp_path, capsys):
+    """Two parts of one grid (data seed 0 here, seed 1 on another machine) written by write_results merge with
+    `nlsr report --rows` into the table of the whole grid: intervals over both seeds and paired tests; a cell in
+    two files is taken from the last one; bad files fail in one line naming the file."""
+    from flows.cli import main
+    from flows.results import file_rows
+    part0 = report.write_results(seed_cell(0, [True] * 6 + [False] * 2), tmp_path / "part0")["rows_jsonl"]
+    part1 = report.write_results(seed_cell(1, [True] * 4 + [False] * 4), tmp_path / "part1")["rows_jsonl"]
+    stale = report.write_results(seed_cell(1, [False] * 8), tmp_path / "stale")["rows_jsonl"]
+    rows = file_rows([stale, part0, part1])  # the stale seed-1 cell is replaced by the later part1
+    assert sorted((r["data_seed"], r["variant"], r["harmful_score"]) for r in rows) == \
+        [(0, "finetuned", 75.0), (0, "realigned", 0.0), (1, "finetuned", 50.0), (1, "realigned", 0.0)]
+    finetuned = next(r for r in report.summarize(rows) if r["variant"] == "finetuned")
+    assert finetuned["n_seeds"] == 2 and finetuned["harmful_score"] == 62.5
+    assert finetuned["harmful_score_lo"] < 62.5 < finetuned["harmful_score_hi"]  # over prompts × seeds
+    pair = next(p for p in report.paired(rows) if p["metric"] == "harmful_score")
+    assert (pair["a"], pair["b"], pair["n_seeds"], pair["n_prompts"]) == ("realigned", "finetuned", 2, 8)  # prompts per seed
+    assert (pair["a_only"], pair["b_only"], pair["diff"]) == (0, 10, -62.5)
+
+    out = tmp_path / "merged"
+    assert main(["report", "--rows", str(part0), "--rows", str(part1), "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "4 rows" in printed.out and "warning" not in printed.err
+    merged = report.read_csv(out / "summary.csv")
+    assert [(r["variant"], r["n_seeds"], r["harmful_score"]) for r in merged] == \
+        [("finetuned", 2, 62.5), ("realigned", 2, 0.0)]
+    assert report.read_csv(out / "paired.csv")[0]["b_only"] == 10
+    assert len((out / "rows.jsonl").read_text().splitlines()) == 4  # the merged table can be merged again
+
+    # a part whose shared evaluation came out differently (another machine) is merged, with a warning
+    other = seed_cell(1, [True] * 4 + [False] * 4)
+    other[1]["eval_key"], other[1]["verdicts"]["task_accuracy"] = "r0", "0000"  # seed 0's realigned evaluation
+    odd = report.write_results(other, tmp_path / "odd")["rows_jsonl"]
+    assert main(["report", "--rows", str(part0), "--rows", str(odd), "--out", str(tmp_path / "odd-merged")]) == 0
+    assert "warning: 1 evaluation(s) appear with different verdicts (r0)" in capsys.readouterr().err
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"variant": "finetuned", "harmful_score": 1}\n[1, 2]\n')
+    for args, message in ((["--rows", str(tmp_path / "nope.jsonl")], "nope.jsonl: no such file"),
+                          (["--rows", str(bad)], "bad.jsonl, line 2: expected a result row"),
+                          (["--rows", str(part0), "--experiment", "nlsr/x"], "expected one source of rows")):
+        assert main(["report", *args, "--out", str(tmp_path / "never")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "never").exists()
+
+
+def test_grid_only_selects_cells_by_axis_values():
+    import pytest
+
+    from nlsr.config import ConfigError, GridConfig, validate
+    grid = validate({"name": "g", "base": "../default.yaml",
+                     "axes": {"data.seed": [0, 1, 2], "realign.layer_rate": [0.3, 0.5]}}, "g.yaml", GridConfig)
+    assert grid.selected(None) == [True] * 6
+    assert grid.selected(["data.seed=1"]) == [False, False, True, True, False, False]
+    assert grid.selected(["data.seed=0", "data.seed=2", "realign.layer_rate=0.5"]) == \
+        [False, True, False, False, False, True]
+    with pytest.raises(ConfigError, match=r"--only data\.seed=3: expected one of the values of axes\.data\.seed "
+                                          r"\[0, 1, 2\], got 3"):
+        grid.selected(["data.seed=3"])
+    with pytest.raises(ConfigError, match=r"'seed' is not an axis of grid g; expected one of \['data.seed', "):
+        grid.selected(["seed=0"])
