@@ -120,3 +120,36 @@ def test_task_dev_rows_are_train_rows_the_cell_never_trains_on():
 def test_task_dev_rows_that_would_overlap_the_mix_are_a_config_error():
     with pytest.raises(ConfigError, match="evaluation.task_split 'dev' needs 200 sst2 train rows"):
         load_config(ROOT / "configs" / "default.yaml", ["evaluation.task_split=dev", "data.n=1000"])
+
+
+def _shipped_sweeps() -> list[Path]:
+    sweeps = ROOT / "docs" / "results" / "sweeps"
+    return [f for f in sorted(sweeps.iterdir()) if (f / "choice.json").is_file() and not (f / "superseded.md").exists()]
+
+
+def test_shipped_sweeps_agree_with_the_rule_the_readme_and_the_defenses_grid():
+    """Each shipped sweep's choice is what the rule picks from its own summary; the README's table is the one
+    scripts/sweeps_table.py writes from those files; the defenses grid carries every default-cell choice."""
+    import importlib.util
+    import json
+
+    from nlsr.report import read_csv
+    spec = importlib.util.spec_from_file_location("sweeps_table", ROOT / "scripts" / "sweeps_table.py")
+    sweeps_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweeps_table)
+    grid = load_grid(GRIDS / "defenses.yaml")
+    cell = grid.cells(GRIDS)[0].model_dump()
+    shipped = _shipped_sweeps()
+    assert len(shipped) >= 5
+    for folder in shipped:
+        saved = json.loads((folder / "choice.json").read_text())
+        values = [c["value"] for c in saved["candidates"]]
+        again = choose(read_csv(folder / "summary.csv"), saved["knob"], saved["variant"], values, saved["tolerance"])
+        assert again["value"] == saved["value"], folder.name
+        if "-on-" not in folder.name:  # a default-cell sweep: the comparison runs with its choice
+            node = cell
+            for part in saved["knob"].split("."):
+                node = node[part]
+            assert node == saved["value"], f"{folder.name}: defenses.yaml has {saved['knob']}={node}"
+    readme = (ROOT / "README.md").read_text()
+    assert f"{sweeps_table.START}\n{sweeps_table.table()}\n{sweeps_table.END}" in readme
