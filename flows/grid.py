@@ -115,7 +115,7 @@ def grid_flow(grid: GridConfig, grid_dir: str = ".", overrides: list[str] | None
                                                "files": "`results/` (Artifacts tab); cells: the nested runs"},
                                       missing))
         parent.publish_view({r["variant"] for r in rows}, parent.run_id)
-        _prefect_artifacts(grid.name, rows, failed)
+        _prefect_artifacts(grid.name, rows, failed, missing)
     except BaseException:
         parent.finish("FAILED")
         raise
@@ -184,7 +184,7 @@ def wait_for_runs(runs: dict[str, object], timeout: float | None = None, poll: f
             time.sleep(poll)
 
 
-def _prefect_artifacts(name: str, rows: list[dict], failed: list[str]) -> None:
+def _prefect_artifacts(name: str, rows: list[dict], failed: list[str], not_run: list[str]) -> None:
     summary = report.summarize(rows)
     key = "nlsr-grid-" + "".join(c if c.isalnum() else "-" for c in name.lower())
     if summary:
@@ -192,6 +192,8 @@ def _prefect_artifacts(name: str, rows: list[dict], failed: list[str]) -> None:
     text = f"# grid {name}\n\n" + report.text_report(rows)
     if failed:
         text += f"\n\nFailed cells (rerun the grid to resume): {', '.join(failed)}\n"
+    if not_run:
+        text += f"\n\nCells not run yet (outside `--only`): {', '.join(not_run)}\n"
     create_markdown_artifact(text, key=key, description=f"results of grid {name}")
 
 

@@ -347,6 +347,12 @@ def test_grid_only_runs_part_and_its_rows_merge(first, capsys):
     assert {stage for stage, _ in computed(ArtifactStore(root)) - before} <= {"report"}  # the pair grid's cells
     out = root / "grids" / "parts"
     assert {r["poison_ratio"] for r in read_csv(out / "results.csv")} == {0.1, 0.2}
+    from mlflow.tracking import MlflowClient
+    mlc = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    (parent,) = mlc.search_runs([mlc.get_experiment_by_name("nlsr/parts").experiment_id],
+                                filter_string="tags.`nlsr.kind` = 'grid'")
+    assert parent.data.metrics["cells_not_run"] == 1 and parent.data.metrics["cells_failed"] == 0
+    assert "Cells not run yet (outside `--only`): data.poison_ratio=0.05" in parent.data.tags["mlflow.note.content"]
     assert main(["report", "--rows", str(out / "rows.jsonl"), "--out", str(root / "reports" / "parts")]) == 0
     assert read_csv(root / "reports" / "parts" / "summary.csv") == read_csv(out / "summary.csv")
     assert read_csv(root / "reports" / "parts" / "paired.csv") == read_csv(out / "paired.csv")
