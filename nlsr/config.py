@@ -139,13 +139,13 @@ class AlignmentConfig(Strict):
                                  f"{self.method!r}")
         return self
 
-
     def answer_filter(self) -> Callable[[str], bool] | None:
         """The safe-answer filter `safety_answers` asks for: None (every answer) or the refusal test."""
         if self.safety_answers == "all":
             return None
         from .judges.rules import is_refusal  # the same phrases that make an answer "safe" for the offline judges
         return is_refusal
+
 
 class FinetuneConfig(TrainConfig):
     learning_rate: float = 1e-4

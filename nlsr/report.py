@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterable
 
 from . import stats
+from .data import write_jsonl
 
 AXES = ("task", "poison_ratio", "alignment", "scorer", "realign")
 # Grid axes that already have a column above; any other non-seed grid axis (e.g. realign.layer_rate) becomes a
@@ -471,7 +472,6 @@ def write_results(rows: list[dict], out_dir: str | Path, title: str | None = Non
     rebuilt from it, `nlsr report --rows`), summary.csv (seed-averaged), paired.csv (paired differences),
     across-<axis>.csv per `compare` axis (paired differences between grid points), results.md (summary and paired
     tables) and pareto.png (the summary, with intervals) in `out_dir`."""
-    from .data import write_jsonl
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     axes = grouping(rows)

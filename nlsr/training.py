@@ -100,14 +100,9 @@ def _sft_trainer(model, tok, rows: list[dict], tc: TrainConfig, cfg: ExperimentC
                                             processing_class=tok, peft_config=peft_config, **plug.kwargs)
 
 
-def safety_answer_filter(cfg: ExperimentConfig):
-    """The answer filter that alignment.safety_answers asks for: None (every safe answer) or the refusal test."""
-    return cfg.alignment.answer_filter()
-
-
 def _preference_rows(method: str, tok, cfg: ExperimentConfig):
     pc = cfg.alignment.preference
-    rows = data.preference_set(pc.n_samples, cfg.data.template, tok, safety_answer_filter(cfg))
+    rows = data.preference_set(pc.n_samples, cfg.data.template, tok, cfg.alignment.answer_filter())
     _check_room(tok, [r["prompt"] for r in rows], pc, method)
     return _dataset(rows, f"{method} preference")
 
@@ -127,7 +122,7 @@ def kto_trainer(model, tok, cfg: ExperimentConfig, workdir: str, plug: TrainerPl
     from trl import KTOConfig, KTOTrainer
     plug = _no_trainer_swap("kto", plug)
     pc = cfg.alignment.preference
-    rows = data.kto_set(pc.n_samples, cfg.data.template, tok, safety_answer_filter(cfg))
+    rows = data.kto_set(pc.n_samples, cfg.data.template, tok, cfg.alignment.answer_filter())
     _check_room(tok, [r["prompt"] for r in rows], pc, "KTO")
     args = KTOConfig(**{**_common_args(pc, cfg, workdir), **plug.args}, beta=pc.beta)
     # reference = the adapter-disabled model (W0): exactly the paper's reference policy
@@ -215,7 +210,7 @@ def safety_sft(cfg: ExperimentConfig, base: Path, out: Path) -> dict:
     tc = cfg.alignment.sft
     model, tok = _load(base, cfg)
     rows = data.safety_sft_set(tc.n_samples, cfg.alignment.harmless_mix, cfg.data.task, cfg.seed,
-                               safety_answer_filter(cfg))
+                               cfg.alignment.answer_filter())
     pc_rows = data.as_prompt_completion(rows, cfg.data.template, tok)
     modeling.set_seed(cfg.seed)  # the LoRA init draws random numbers
     with tempfile.TemporaryDirectory(prefix="nlsr-sft-") as work:

@@ -45,9 +45,13 @@ def row(folder: Path) -> tuple[tuple, str]:
     return (cell != "**default**", cell, variant), line
 
 
+def folders(sweeps: Path = SWEEPS) -> list[Path]:
+    """The sweep folders the table shows: those with a choice.json, except superseded runs."""
+    return sorted(f for f in sweeps.iterdir() if (f / "choice.json").is_file() and not (f / "superseded.md").exists())
+
+
 def table(sweeps: Path = SWEEPS) -> str:
-    rows = sorted(row(f) for f in sweeps.iterdir()
-                  if (f / "choice.json").is_file() and not (f / "superseded.md").exists())
+    rows = sorted(row(f) for f in folders(sweeps))
     return "\n".join([HEADER, *(line for _, line in rows)])
 
 

@@ -12,7 +12,6 @@ import pytest
 from nlsr import data
 from nlsr.choice import ChoiceError, check_sweep, choose, knob_axis, markdown
 from nlsr.config import ConfigError, load_config, load_grid
-from nlsr.training import safety_answer_filter
 
 ROOT = Path(__file__).resolve().parents[1]
 GRIDS = ROOT / "configs" / "grids"
@@ -109,7 +108,7 @@ def test_task_dev_rows_are_train_rows_the_cell_never_trains_on():
     key = lambda r: (r["instruction"], r["input"], r["output"])  # noqa: E731
     mix = data.poison_mix("sst2", cfg.data.n, cfg.data.poison_ratio, cfg.data.seed)
     sft = data.safety_sft_set(cfg.alignment.sft.n_samples, cfg.alignment.harmless_mix, "sst2", cfg.seed,
-                              safety_answer_filter(cfg))
+                              cfg.alignment.answer_filter())
     trained = {key(r) for r in mix + sft}
     assert sum(r["flag"] == "finetune" for r in mix) == cfg.task_train_use()[0]
     assert not {key(r) for r in dev} & trained
@@ -120,11 +119,6 @@ def test_task_dev_rows_are_train_rows_the_cell_never_trains_on():
 def test_task_dev_rows_that_would_overlap_the_mix_are_a_config_error():
     with pytest.raises(ConfigError, match="evaluation.task_split 'dev' needs 200 sst2 train rows"):
         load_config(ROOT / "configs" / "default.yaml", ["evaluation.task_split=dev", "data.n=1000"])
-
-
-def _shipped_sweeps() -> list[Path]:
-    sweeps = ROOT / "docs" / "results" / "sweeps"
-    return [f for f in sorted(sweeps.iterdir()) if (f / "choice.json").is_file() and not (f / "superseded.md").exists()]
 
 
 def test_shipped_sweeps_agree_with_the_rule_the_readme_and_the_defenses_grid():
@@ -139,7 +133,7 @@ def test_shipped_sweeps_agree_with_the_rule_the_readme_and_the_defenses_grid():
     spec.loader.exec_module(sweeps_table)
     grid = load_grid(GRIDS / "defenses.yaml")
     cell = grid.cells(GRIDS)[0].model_dump()
-    shipped = _shipped_sweeps()
+    shipped = sweeps_table.folders()
     assert len(shipped) >= 5
     for folder in shipped:
         saved = json.loads((folder / "choice.json").read_text())

@@ -41,7 +41,7 @@ def task_rows(cfg: ExperimentConfig) -> list[dict]:
     the data seed (the guide rows leave the mix, as NLSR's Lisa script builds it)."""
     d, k = cfg.data, n_guide(cfg)
     rows = guard_mix(d.task, d.n, d.poison_ratio, cfg.defenses.lisa.guide_fraction, d.seed, d.poison_source,
-                     training.safety_answer_filter(cfg))
+                     cfg.alignment.answer_filter())
     return [r for r in rows if r["flag"] != "safe"] if k else rows
 
 
@@ -166,7 +166,7 @@ def plug(cfg: ExperimentConfig, lisa: LisaConfig | None = None) -> training.Trai
     if cfg.finetune.grad_accum != 1:
         raise training.TrainingError("Lisa counts its phases in micro-batches: finetune.grad_accum must be 1, "
                                      f"got {cfg.finetune.grad_accum}")
-    return training.TrainerPlug(LisaTrainer, kwargs={"guide_rows": guard_rows(n_guide(cfg), training.safety_answer_filter(cfg)),
+    return training.TrainerPlug(LisaTrainer, kwargs={"guide_rows": guard_rows(n_guide(cfg), cfg.alignment.answer_filter()),
                                                      "lisa": lisa,
                                                      "template": cfg.data.template})
 

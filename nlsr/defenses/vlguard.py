@@ -29,7 +29,7 @@ STAGE = "finetune"
 
 def guard_rows(k: int, refuses: Callable[[str], bool] | None = None) -> list[dict]:
     """The first k rows of the safety-SFT pool (only the refusals, given `refuses`: see
-    `training.safety_answer_filter`), as Alpaca rows flagged 'safe'."""
+    `AlignmentConfig.answer_filter`), as Alpaca rows flagged 'safe'."""
     pool = data.safety_sft_set(refuses=refuses)
     if k > len(pool):
         kind = "safety-SFT pool" if refuses is None else "safety-SFT pool of refusals (alignment.safety_answers)"
@@ -68,7 +68,7 @@ def write_mix(cfg: ExperimentConfig, out_file: Path, vc: VlguardConfig | None = 
     vc = vc or cfg.defenses.vlguard
     d = cfg.data
     return data.write_jsonl(guard_mix(d.task, d.n, d.poison_ratio, vc.guard_fraction, d.seed, d.poison_source,
-                                      training.safety_answer_filter(cfg)), out_file)
+                                      cfg.alignment.answer_filter()), out_file)
 
 
 def finetune(cfg: ExperimentConfig, base: Path, adapter: Path, mix_file: Path | None, out: Path) -> dict:
