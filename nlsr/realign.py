@@ -66,10 +66,8 @@ def check_same_adapter(ref_path: Path, ref_w: dict, ft_path: Path, ft_w: dict) -
     if only_ref or only_ft:
         raise AdapterMismatch(f"reference {ref_path} and fine-tuned {ft_path} hold different weights: only in the "
                               f"reference {only_ref[:3]}, only in the fine-tuned {only_ft[:3]}")
-    for key in ref_w:
-        if ref_w[key].shape != ft_w[key].shape:
-            raise AdapterMismatch(f"reference {ref_path} and fine-tuned {ft_path}: {key} has shape "
-                                  f"{tuple(ref_w[key].shape)} vs {tuple(ft_w[key].shape)} (another base?)")
+    _check_shapes(ref_w, ft_w, ref_w, lambda key, a, b: f"reference {ref_path} and fine-tuned {ft_path}: {key} "
+                  f"has shape {a} vs {b} (another base?)")
     modules = lora_modules(ft_w, ft_path)
     if not modules:
         raise AdapterMismatch(f"fine-tuned {ft_path} holds no LoRA A/B weights")
@@ -82,10 +80,15 @@ def check_masks(masks_path: Path, masks: dict, ft_path: Path, ft_w: dict, module
     if missing or extra:
         raise AdapterMismatch(f"masks {masks_path} do not fit the adapter {ft_path}: missing {missing[:3]}, "
                               f"unknown {extra[:3]}")
+    _check_shapes(masks, ft_w, keys, lambda key, a, b: f"masks {masks_path} do not fit the adapter {ft_path}: "
+                  f"{key} mask shape {a} vs weight {b}")
+
+
+def _check_shapes(a: dict, b: dict, keys, message) -> None:
+    """AdapterMismatch(message(key, shape in a, shape in b)) at the first key whose tensors differ in shape."""
     for key in keys:
-        if masks[key].shape != ft_w[key].shape:
-            raise AdapterMismatch(f"masks {masks_path} do not fit the adapter {ft_path}: {key} mask shape "
-                                  f"{tuple(masks[key].shape)} vs weight {tuple(ft_w[key].shape)}")
+        if a[key].shape != b[key].shape:
+            raise AdapterMismatch(message(key, tuple(a[key].shape), tuple(b[key].shape)))
 
 
 def check_base(base: Path, adapter: Path) -> None:

@@ -198,6 +198,13 @@ def test_mismatched_adapters_fail_naming_both_files(adapters, tiny_base, tmp_pat
                              tmp_path / "partial.safetensors", {})
     with pytest.raises(AdapterMismatch, match=f"masks {other_masks} do not fit the adapter {ft}: missing"):
         realign(None, ref, ft, other_masks, RealignConfig(), tmp_path / "out")
+    key = sorted(adapters["mask_w"])[0]  # every key present, one of them transposed
+    bent = save_masks({k: v.T.contiguous() if k == key else v for k, v in adapters["mask_w"].items()},
+                      tmp_path / "bent.safetensors", {})
+    shape = tuple(adapters["mask_w"][key].shape)
+    with pytest.raises(AdapterMismatch, match=rf"masks {bent} do not fit .*{key} mask shape \({shape[1]}, "
+                                              rf"{shape[0]}\) vs weight \({shape[0]}, {shape[1]}\)"):
+        realign(None, ref, ft, bent, RealignConfig(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
