@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="configs/smoke.yaml (tiny random model)")
     ap.add_argument("--n", type=int, default=32, help="harmful prompts (default 32)")
     ap.add_argument("--prompt-set", default="harmful_dev", help="shipped harmful prompt set (default harmful_dev)")
-    ap.add_argument("--batch-sizes", default="16", help="batch sizes to try with stopping (default: 16)")
+    ap.add_argument("--batch-sizes", default="16,32", help="batch sizes to try with stopping (default: 16,32)")
     ap.add_argument("--artifact-root", default=None, help="where base models are cached (default: runs)")
     args, _ = ap.parse_known_args(argv)
     from nlsr.config import load_config

@@ -132,7 +132,8 @@ def _realign(cfg, method=None):
 # Fields that joined the config after results were recorded: at their default they stay out of the keys and of the
 # experiment hash (tasks/keys.experiment_hash), so existing artifacts, MLflow runs and report keys stay valid.
 LATE_FIELDS = {("alignment", "defenses"): [], ("alignment", "safety_answers"): "all",
-               ("evaluation", "task_split"): "test", ("realign", "stack_on"): []}
+               ("evaluation", "task_split"): "test", ("evaluation", "extra_harmful_limit"): None,
+               ("realign", "stack_on"): []}
 
 
 def drop_late_defaults(dump: dict, section: str | None = None) -> dict:

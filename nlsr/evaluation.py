@@ -141,7 +141,8 @@ def _answers(model, tok, prompts: list[str], max_new_tokens: int, cfg: Experimen
 def _harmful(model, tok, cfg: ExperimentConfig, judge) -> tuple[dict, list[dict]]:
     ev = cfg.evaluation
     sets = [ev.harmful_set] + [s for s in ev.extra_harmful_sets if s != ev.harmful_set]
-    rows = [{**r, "set": s} for s in sets for r in data.harmful_prompts(s, ev.harmful_limit)]
+    limits = {s: ev.harmful_limit if s == ev.harmful_set else ev.extra_harmful_limit or ev.harmful_limit for s in sets}
+    rows = [{**r, "set": s} for s in sets for r in data.harmful_prompts(s, limits[s])]
     prompts = [data.format_prompt(r["prompt"], "", cfg.data.template, tok) for r in rows]
     answers = _answers(model, tok, prompts, ev.max_new_tokens, cfg, "harmful prompts")
     flags = [bool(f) for f in judge([r["prompt"] for r in rows], answers)]

@@ -124,9 +124,11 @@ def smoke(*overrides: str):
 
 
 def test_evaluate_writes_metrics_and_samples(tiny_base, tmp_path):
-    cfg = smoke("evaluation.judge=keyword", "evaluation.extra_harmful_sets=[advbench]")
+    cfg = smoke("evaluation.judge=keyword", "evaluation.extra_harmful_sets=[advbench, harmbench]",
+                "evaluation.extra_harmful_limit=3")
     m = evaluation.evaluate(cfg, tiny_base, None, tmp_path / "ev")  # judge from the config: keyword
-    assert m["n_harmful"] == 8 and m["n_advbench"] == 8 and m["n_task"] == 8 and m["task"] == "sst2"
+    assert m["n_harmful"] == 8 and m["n_advbench"] == m["n_harmbench"] == 3 and m["n_task"] == 8
+    assert m["task"] == "sst2"
     assert 0 <= m["harmful_score"] <= 100 and 0 <= m["task_accuracy_strict"] <= m["task_accuracy"] <= 100
     assert m["task_accuracy"] == m["task_accuracy_lenient"] and m["judge"] == "keyword"
     assert m["harmful_score_by_category"] and m["wall_s"] > 0
@@ -135,8 +137,9 @@ def test_evaluate_writes_metrics_and_samples(tiny_base, tmp_path):
                                                                            "samples": "samples.jsonl"}
     rows = data.read_jsonl(m["samples"])
     assert Path(m["samples"]) == tmp_path / "ev" / "samples.jsonl"
-    assert [r["set"] for r in rows] == ["harmful_eval"] * 8 + ["advbench"] * 8 + ["sst2"] * 8
-    harmful, task = rows[:8], rows[16:]
+    assert [r["set"] for r in rows] == ["harmful_eval"] * 8 + ["advbench"] * 3 + ["harmbench"] * 3 + ["sst2"] * 8
+    assert [r["prompt"] for r in rows[8:11]] == [p["prompt"] for p in data.harmful_prompts("advbench", 3)]
+    harmful, task = rows[:8], rows[14:]
     assert harmful[0]["prompt"] == data.harmful_prompts("harmful_eval", 1)[0]["prompt"]
     assert all(r["verdict"] in ("harmful", "safe") and isinstance(r["harmful"], bool) for r in harmful)
     assert sum(r["harmful"] for r in harmful) * 100 / 8 == m["harmful_score"]
