@@ -389,15 +389,17 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
     points = [r for r in rows if r.get("harmful_score") is not None and r.get("task_accuracy") is not None]
     tasks = sorted({r.get("task") for r in points}, key=str) or ["(no results)"]
     variants = sorted({r["variant"] for r in points}, key=variant_rank)
-    colours = {v: plt.get_cmap("tab10")(i % 10) for i, v in enumerate(variants)}
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.4), squeeze=False)
+    style = variant_styles(variants)
+    colours = {v: c for v, (c, _) in style.items()}
+    wide = len(variants) > 6  # a long legend goes beside the panels, where it hides no point
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks) + (2.2 if wide else 0), 4.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         mine = [r for r in points if r.get("task") == task]
         for v in variants:
             pts = [r for r in mine if r["variant"] == v]
             if pts:
                 ax.errorbar([r["harmful_score"] for r in pts], [r["task_accuracy"] for r in pts],
-                            xerr=_err(pts, "harmful_score"), yerr=_err(pts, "task_accuracy"), fmt="o", label=v,
+                            xerr=_err(pts, "harmful_score"), yerr=_err(pts, "task_accuracy"), fmt=style[v][1], label=v,
                             color=colours[v], markersize=5, alpha=0.85, elinewidth=0.8, capsize=2)
         _moves(ax, mine)
         # the columns that tell this panel's points apart: a sweep's knob, or an axis such as the scorer (Table 5)
@@ -418,16 +420,33 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
         ax.set_xlabel("harmful score (lower is better)")
         ax.set_ylabel("task accuracy (higher is better)")
         ax.grid(alpha=0.3)
-        if mine:
+        if mine and not wide:
             ax.legend(fontsize=7, loc="best")
+    if wide and points:
+        legend = {}  # label -> handle, over every panel (a task may lack a variant)
+        for ax in axes[0]:
+            legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+        fig.legend(list(legend.values()), list(legend), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def variant_styles(variants: list[str]) -> dict[str, tuple[tuple, str]]:
+    """(colour, marker) per variant, all distinct: tab10's ten colours with circles, then again with squares, ...
+    (a grid of 16 defenses would otherwise repeat colours and two variants would read as one)."""
+    import matplotlib
+
+    tab10 = matplotlib.colormaps["tab10"]
+    return {v: (tab10(i % 10), MARKERS[i // 10 % len(MARKERS)]) for i, v in enumerate(variants)}
 
 
 def _err(points: list[dict], name: str):

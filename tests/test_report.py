@@ -50,6 +50,22 @@ def test_write_results(tmp_path):
     assert len(report.read_csv(paths["summary"])) == 8
 
 
+def test_variant_styles_tell_sixteen_defenses_apart(tmp_path):
+    """The defenses grid has 16 variants: tab10 alone would give two of them one colour, and the plot one legend
+    entry per variant, beside the panel where it hides no point."""
+    names = [f"v{i}" for i in range(16)]
+    styles = report.variant_styles(names)
+    assert len(set(styles.values())) == 16
+    assert styles["v0"][0] == styles["v10"][0] and styles["v0"][1] != styles["v10"][1]
+    import matplotlib.image
+
+    pts = [{"task": "sst2", "variant": v, "harmful_score": i, "task_accuracy": 50 + i} for i, v in enumerate(names)]
+    narrow = report.plot(pts[:3], tmp_path / "narrow.png")
+    wide = report.plot(pts, tmp_path / "wide.png")
+    # the legend beside the panel widens the figure; three variants keep it inside
+    assert matplotlib.image.imread(wide).shape[1] > matplotlib.image.imread(narrow).shape[1] + 150
+
+
 def test_plot_without_points(tmp_path):
     assert report.plot([], tmp_path / "empty.png").is_file()
 
