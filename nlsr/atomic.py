@@ -9,6 +9,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _tmp_beside(final: Path) -> Path:
+    """A new empty folder in `final`'s parent (same file system: the renames are atomic), hidden by its dot."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
 @contextmanager
 def atomic_dir(final: str | Path, overwrite: bool = False):
     """Yield a temporary folder beside `final`; on success rename it into place, on error delete it.
@@ -16,9 +24,7 @@ def atomic_dir(final: str | Path, overwrite: bool = False):
     If `final` already exists (another process finished first) the new copy is discarded unless `overwrite`.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = _tmp_beside(final)
     try:
         yield tmp
     except BaseException:
@@ -34,6 +40,24 @@ def atomic_dir(final: str | Path, overwrite: bool = False):
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
+
+
+@contextmanager
+def atomic_files(out_dir: str | Path):
+    """Yield a temporary folder beside `out_dir`; on success move each file written there into `out_dir` (replacing
+    files of the same name, leaving every other file alone), on error delete it and change nothing.
+
+    For folders a user names (`nlsr report --out`), which may hold files this command did not create: atomic_dir
+    would replace the whole folder."""
+    out_dir = Path(out_dir)
+    tmp = _tmp_beside(out_dir)
+    try:
+        yield tmp
+        out_dir.mkdir(exist_ok=True)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(obj, path: str | Path) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterable
 
 from . import stats
+from .atomic import atomic_files
 from .data import write_jsonl
 
 AXES = ("task", "poison_ratio", "alignment", "scorer", "realign")
@@ -491,8 +492,12 @@ def write_results(rows: list[dict], out_dir: str | Path, title: str | None = Non
     rebuilt from it, `nlsr report --rows`), summary.csv (seed-averaged), paired.csv (paired differences),
     across-<axis>.csv per `compare` axis (paired differences between grid points), results.md (summary and paired
     tables) and pareto.png (the summary, with intervals) in `out_dir`."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_files(out_dir) as tmp:  # a failure half-way leaves the folder as it was
+        names = _write_results(rows, tmp, title, compare)
+    return {key: Path(out_dir) / name for key, name in names.items()}
+
+
+def _write_results(rows: list[dict], out_dir: Path, title: str | None, compare: dict | None) -> dict[str, str]:
     axes = grouping(rows)
     rows = sorted(rows, key=lambda r: _sort_key(r, axes))
     summary = summarize(rows)
@@ -509,4 +514,5 @@ def write_results(rows: list[dict], out_dir: str | Path, title: str | None = Non
         paths[f"across-{axis}"] = write_csv(across(rows, axis, reference), out_dir / f"across-{axis}.csv",
                                             across_fields(rows, axis))
     paths["markdown"].write_text((f"# {title}\n\n" if title else "") + text_report(rows, compare))
+    return {key: Path(p).name for key, p in paths.items()}
     return paths

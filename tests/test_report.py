@@ -66,6 +66,24 @@ def test_variant_styles_tell_sixteen_defenses_apart(tmp_path):
     assert matplotlib.image.imread(wide).shape[1] > matplotlib.image.imread(narrow).shape[1] + 150
 
 
+def test_write_results_changes_nothing_on_failure_and_keeps_other_files(tmp_path):
+    """A user's --out folder: files the report did not write stay; a failure half-way (here the plot, after the
+    CSVs, on a title matplotlib cannot typeset) leaves the old results in place and no temporary folder behind."""
+    import pytest
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "results.md").write_text("old")
+    with pytest.raises(ValueError):
+        report.write_results(rows(), out, title=r"$\frac{$")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["notes.txt", "out", "results.md"]
+    assert (out / "results.md").read_text() == "old"
+    paths = report.write_results(rows(), out, title="demo")
+    assert paths["markdown"] == out / "results.md" and paths["markdown"].read_text().startswith("# demo")
+    assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_plot_without_points(tmp_path):
     assert report.plot([], tmp_path / "empty.png").is_file()
 
