@@ -155,13 +155,19 @@ def test_mlflow_runs_table_shows_the_cells_with_their_harmful_scores(browser, si
     page.close()
 
 
-def test_mlflow_run_page_shows_its_results_table(browser, site):
-    uis, run = site["uis"], site["single"]
+def _run_page(browser, site, run, *texts: str):
+    """A run's page in the MLflow UI, once each text shows (its description: the results table)."""
     page = _page(browser, site)
-    page.goto(f"{uis.mlflow}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    page.goto(f"{site['uis'].mlflow}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
               f"?workflowType=machine_learning")
-    page.get_by_text("harmful score ⬇").first.wait_for()  # the description: the cell's results table
+    for text in texts:
+        page.get_by_text(text).first.wait_for()
     _tidy(page)
+    return page
+
+
+def test_mlflow_run_page_shows_its_results_table(browser, site):
+    page = _run_page(browser, site, site["single"], "harmful score ⬇")
     if page.get_by_text("Show more").count():
         page.get_by_text("Show more").first.click()
     page.get_by_text("restore-modules").first.wait_for()
@@ -171,13 +177,7 @@ def test_mlflow_run_page_shows_its_results_table(browser, site):
 
 
 def test_mlflow_grid_run_shows_the_grid_table(browser, site):
-    uis, parent = site["uis"], site["parent"]
-    page = _page(browser, site)
-    page.goto(f"{uis.mlflow}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
-              f"?workflowType=machine_learning")
-    page.get_by_text("grid browse: 2 cells").first.wait_for()
-    page.get_by_text("harmful score ⬇").first.wait_for()
-    _tidy(page)
+    page = _run_page(browser, site, site["parent"], "grid browse: 2 cells", "harmful score ⬇")
     shot(page, site, "mlflow-grid-run")
     page.close()
 
