@@ -196,6 +196,7 @@ class ArtifactStore:
             self._event("failed", stage, key)
             raise
         wall = time.perf_counter() - t0
+        _relocate_reports(work, str(work), str(final))
         work.rename(final)
         shutil.rmtree(tmp, ignore_errors=True)
         metrics = _relocate(metrics, str(work), str(final))
@@ -245,6 +246,15 @@ class ArtifactStore:
 def _jsonable(obj: Any) -> Any:
     """Metrics as plain JSON (tuples of losses become lists; numpy / torch scalars become floats)."""
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def _relocate_reports(folder: Path, old: str, new: str) -> None:
+    """The stage's own reports (`*_report.json`, e.g. realign_report.json's "out") name the folder's final place."""
+    for path in folder.rglob("*_report.json"):
+        report = json.loads(path.read_text())
+        moved = _relocate(report, old, new)
+        if moved != report:
+            write_json(moved, path)
 
 
 def _relocate(obj, old: str, new: str):

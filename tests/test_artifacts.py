@@ -133,6 +133,7 @@ def test_paths_reported_inside_the_temporary_folder_point_to_the_final_one(tmp_p
     def stage(out: Path) -> dict:
         out.mkdir()
         (out / "samples.jsonl").write_text("{}\n")
+        (out / "realign_report.json").write_text(json.dumps({"out": str(out), "base": "/x/y"}))
         return {"samples": str(out / "samples.jsonl"), "files": [str(out / "samples.jsonl")], "other": "/x/y"}
 
     ref = store.run("evaluate", "k1", stage)
@@ -140,3 +141,6 @@ def test_paths_reported_inside_the_temporary_folder_point_to_the_final_one(tmp_p
     assert ref.metrics["samples"] == str(final / "samples.jsonl") and Path(ref.metrics["samples"]).is_file()
     assert ref.metrics["files"] == [str(final / "samples.jsonl")] and ref.metrics["other"] == "/x/y"
     assert json.loads((final / SUCCESS).read_text())["metrics"]["samples"] == str(final / "samples.jsonl")
+    # the stage's own report too (it wrote the temporary path), and the manifest holds the rewritten file
+    assert json.loads((final / "realign_report.json").read_text()) == {"out": str(final), "base": "/x/y"}
+    assert store.damage("evaluate", "k1", full=True) == []
