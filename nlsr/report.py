@@ -390,8 +390,7 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
     points = [r for r in rows if r.get("harmful_score") is not None and r.get("task_accuracy") is not None]
     tasks = sorted({r.get("task") for r in points}, key=str) or ["(no results)"]
     variants = sorted({r["variant"] for r in points}, key=variant_rank)
-    style = variant_styles(variants)
-    colours = {v: c for v, (c, _) in style.items()}
+    style = variant_styles(variants)  # variant -> (colour, marker)
     wide = len(variants) > 6  # a long legend goes beside the panels, where it hides no point
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks) + (2.2 if wide else 0), 4.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -401,7 +400,7 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
             if pts:
                 ax.errorbar([r["harmful_score"] for r in pts], [r["task_accuracy"] for r in pts],
                             xerr=_err(pts, "harmful_score"), yerr=_err(pts, "task_accuracy"), fmt=style[v][1], label=v,
-                            color=colours[v], markersize=5, alpha=0.85, elinewidth=0.8, capsize=2)
+                            color=style[v][0], markersize=5, alpha=0.85, elinewidth=0.8, capsize=2)
         _moves(ax, mine)
         # the columns that tell this panel's points apart: a sweep's knob, or an axis such as the scorer (Table 5)
         knobs = sorted({k for r in mine for k in r if "." in k}) \
@@ -409,7 +408,7 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
         for r in mine if knobs else ():  # which value each point is, for the variants the knob moves
             if len({(p["harmful_score"], p["task_accuracy"]) for p in mine if p["variant"] == r["variant"]}) > 1:
                 ax.annotate(_knob_label(r, knobs), (r["harmful_score"], r["task_accuracy"]), fontsize=6,
-                            xytext=(3, -9), textcoords="offset points", color=colours[r["variant"]])
+                            xytext=(3, -9), textcoords="offset points", color=style[r["variant"]][0])
         front = [mine[i] for i in pareto_front([(r["harmful_score"], r["task_accuracy"]) for r in mine])]
         if front:
             ax.step([r["harmful_score"] for r in front], [r["task_accuracy"] for r in front], where="post",
