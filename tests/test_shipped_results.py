@@ -4,23 +4,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from flows.results import file_rows
 from nlsr import report
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFENSES = ROOT / "docs" / "results" / "defenses"
+RESULTS = ROOT / "docs" / "results"
+# folder -> variants it must hold (a shipped table that lost its defenses or its realigned rows is caught)
+SHIPPED = {"defenses": {"finetuned", "realigned", "resta", "vaccine", "nlsr-on-lisa"},
+           "table1-poison-ratio": {"aligned", "finetuned", "realigned"}}
 
 
-def _tables(markdown: str) -> list[str]:
+def _table(markdown: str) -> list[str]:
     return [line for line in markdown.splitlines() if line.startswith("| sst2 |")]
 
 
-def test_defenses_results_are_the_report_of_their_rows(tmp_path):
-    rows = file_rows([DEFENSES / "rows.jsonl"])
-    assert {r["variant"] for r in rows} >= {"finetuned", "realigned", "resta", "vaccine", "nlsr-on-lisa"}
+def test_every_folder_with_rows_is_checked():
+    assert {p.parent.name for p in RESULTS.glob("*/rows.jsonl")} == set(SHIPPED)
+
+
+@pytest.mark.parametrize("folder", sorted(SHIPPED))
+def test_shipped_results_are_the_report_of_their_rows(folder, tmp_path):
+    rows = file_rows([RESULTS / folder / "rows.jsonl"])
+    assert {r["variant"] for r in rows} >= SHIPPED[folder]
     again = report.write_results(rows, tmp_path)
-    shipped = (DEFENSES / "results.md").read_text()
+    shipped = (RESULTS / folder / "results.md").read_text()
     assert again["markdown"].read_text() == shipped
     readme = (ROOT / "README.md").read_text()
-    quoted = _tables(shipped)
-    assert len(quoted) == len({r["variant"] for r in rows}) and all(line in readme for line in quoted)
+    quoted = _table(shipped)
+    n_rows = len({tuple(r[k] for k in ("task", "poison_ratio", "alignment", "scorer", "realign", "variant"))
+                  for r in rows})
+    assert len(quoted) == n_rows and all(line in readme for line in quoted)
