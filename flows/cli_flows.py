@@ -50,6 +50,9 @@ def add_commands(sub) -> None:
     r.add_argument("--compare", action="append", default=[], metavar="AXIS=VALUE",
                    help="also test each other value of this grid axis against VALUE, same variant, paired on the "
                         "prompts (e.g. scoring.method=lowrank; repeatable)")
+    r.add_argument("--pivot", action="append", default=[], metavar="AXIS[=V1,V2,...]",
+                   help="also print the paper's layout: one column per value of this grid axis (in this order and "
+                        "only these, when given), e.g. alignment.method=sft,dpo,orpo,kto,simpo (repeatable)")
     r.add_argument("--rows", action="append", default=[], metavar="FILE",
                    help="report the rows of these rows.jsonl files (written beside every grid's and report's "
                         "results.csv, verdicts included) instead of a store: parts of one grid run on machines "
@@ -187,7 +190,7 @@ def _grid(args) -> int:
     t0 = time.perf_counter()
     result = run_grid(grid.model_dump(mode="json"), str(Path(args.grid).parent.resolve()), overrides,
                       pool=args.pool, deployment=args.deployment, timeout=args.timeout, only=args.only)
-    print("\n" + report.text_report(result["rows"], grid.compare))
+    print("\n" + report.text_report(result["rows"], grid.compare, grid.pivots()))
     if result.get("choice"):
         from nlsr.choice import markdown
         print("\n" + markdown(result["choice"]))
@@ -228,8 +231,28 @@ def _report(args) -> int:
             print(f"nlsr report: --compare {axis}: not a column of these results (columns: "
                   f"{', '.join(report.grouping(rows))})", file=sys.stderr)
             return 2
-    paths = report.write_results(rows, out, title=args.experiment, compare=compare)
-    print(report.text_report(rows, compare))
+    pivots = {}
+    for spec in args.pivot:
+        axis, _, order = spec.partition("=")
+        col = report.axis_column(axis)
+        values = [v.strip() for v in order.split(",")] if order else None
+        present = {str(r.get(col)) for r in rows}
+        if col not in columns:
+            print(f"nlsr report: --pivot {axis}: not a column of these results (columns: "
+                  f"{', '.join(report.grouping(rows))})", file=sys.stderr)
+            return 2
+        unknown = [v for v in values or [] if v not in present]
+        if unknown:
+            print(f"nlsr report: --pivot {spec}: no rows with {axis} = {', '.join(unknown)} (values: "
+                  f"{', '.join(sorted(present))})", file=sys.stderr)
+            return 2
+        pivots[axis] = values
+    try:
+        paths = report.write_results(rows, out, title=args.experiment, compare=compare, pivots=pivots)
+    except ValueError as e:  # the rows differ in more than the pivot axis
+        print(f"nlsr report: --{e}", file=sys.stderr)
+        return 2
+    print(report.text_report(rows, compare, pivots))
     print(f"{len(rows)} rows; tables: {paths['rows']}, {paths['summary']}, {paths['paired']}, {paths['markdown']}; "
           f"plot: {paths['plot']}")
     return 0

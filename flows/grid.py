@@ -102,7 +102,8 @@ def grid_flow(grid: GridConfig, grid_dir: str = ".", overrides: list[str] | None
                 missing.append(label)
             rows += [{**r, **{a: point[a] for a in extra}} for r in found or []]  # e.g. a realign.layer_rate sweep
         out = ArtifactStore(cells[0].artifact_root).root / "grids" / grid.name
-        paths = report.write_results(rows, out, title=grid.name, compare=grid.compare) if rows else {}
+        paths = report.write_results(rows, out, title=grid.name, compare=grid.compare,
+                                      pivots=grid.pivots()) if rows else {}
         chosen = None
         if grid.choose and rows and not failed and not missing:
             chosen = write_choice(grid, rows, out)

@@ -546,6 +546,8 @@ class GridConfig(Strict):
     choose: GridChoice | None = Field(None, description="a sweep that chooses a knob (nlsr.choice); None: a plain grid")
     compare: dict[str, Any] = Field(default_factory=dict, description="axis -> reference value: the report also "
                                     "tests each other value of that axis against it, same variant, paired on prompts")
+    pivot: str | None = Field(None, description="an axis: the report also prints the paper's layout, one column per "
+                              "value of that axis in the order of axes.<key> (nlsr.report.pivot)")
 
     @model_validator(mode="after")
     def _axes_non_empty(self):
@@ -556,7 +558,17 @@ class GridConfig(Strict):
             if reference not in self.axes.get(key, []):
                 raise ValueError(f"compare.{key}: expected one of the values of axes.{key} "
                                  f"({self.axes.get(key, 'not an axis')}), got {reference!r}")
+        if self.pivot is not None and self.pivot not in self.axes:
+            raise ValueError(f"pivot: expected one of the axes ({', '.join(self.axes)}), got {self.pivot!r}")
+        others = [k for k, v in self.axes.items() if k != self.pivot and len(v) > 1 and k.split(".")[-1] != "seed"]
+        if self.pivot is not None and others:
+            raise ValueError(f"pivot: {self.pivot}: the axes {', '.join(others)} vary too; expected the pivot to be "
+                             f"the one axis besides seeds")
         return self
+
+    def pivots(self) -> dict[str, list]:
+        """`pivot` as nlsr.report.write_results takes it: axis -> its values in the grid's order."""
+        return {self.pivot: self.axes[self.pivot]} if self.pivot else {}
 
     def base_path(self, grid_dir: str | Path = ".") -> Path:
         path = Path(self.base).expanduser()

@@ -266,6 +266,67 @@ def across_markdown(rows: list[dict], compare: dict | None) -> str:
     return "\n".join(parts)
 
 
+def pivot(summary: list[dict], axis: str, values: Iterable | None = None) -> list[dict]:
+    """The paper's layout (its Tables 1, 2 and 5): one column per value of grid axis `axis` (in the order of
+    `values` and only those that have rows, default: as the summary sorts them) and a 'mean' column over them; one row per variant and score:
+    each variant's harmful score, the share of the fine-tuning's increase each defense removes
+    ((finetuned − variant) / (finetuned − aligned), in %), then each variant's task accuracy. The summary's other
+    axes must hold one value each (the columns differ in `axis` only)."""
+    col = axis_column(axis)
+    fixed = [a for a in grouping(summary) if a != col and len({str(r.get(a)) for r in summary}) > 1]
+    if fixed:
+        raise ValueError(f"pivot {axis}: the rows also differ in {', '.join(fixed)}; expected rows that differ in "
+                         f"{axis} alone")
+    present = list(dict.fromkeys(str(r.get(col)) for r in summary))
+    columns = [v for v in map(str, values) if v in present] if values is not None else present  # a partial grid
+    cell = {(str(r.get(col)), r["variant"]): r for r in summary}
+    variants = sorted({r["variant"] for r in summary}, key=variant_rank)
+    out = []
+
+    def line(label: str, metric: str, value_of) -> None:
+        row = {"row": label, "metric": metric, **{v: value_of(v) for v in columns}}
+        vals = [row[v] for v in columns]
+        row["mean"] = statistics.fmean(vals) if vals and None not in vals else None
+        if any(x is not None for x in vals):
+            out.append(row)
+
+    def score(v: str, variant: str, name: str) -> float | None:
+        return (cell.get((v, variant)) or {}).get(name)
+
+    def removed(v: str, variant: str) -> float | None:
+        ft, al, x = score(v, "finetuned", "harmful_score"), score(v, "aligned", "harmful_score"), \
+            score(v, variant, "harmful_score")
+        return None if None in (ft, al, x) or ft <= al else 100 * (ft - x) / (ft - al)
+
+    for variant in variants:
+        line(f"{variant}: harmful score", "harmful_score", lambda v, n=variant: score(v, n, "harmful_score"))
+    for variant in variants:
+        if variant not in ("aligned", "finetuned"):
+            line(f"{variant}: share of the increase removed", "removed", lambda v, n=variant: removed(v, n))
+    for variant in variants:
+        line(f"{variant}: task accuracy", "task_accuracy", lambda v, n=variant: score(v, n, "task_accuracy"))
+    return out
+
+
+def pivot_markdown(rows: list[dict]) -> str:
+    """The pivot as a Markdown table: scores to one decimal, shares in whole percent."""
+    if not rows:
+        return ""
+    columns = [k for k in rows[0] if k not in ("row", "metric")]
+
+    def cell(r: dict, k: str) -> str:
+        x = r.get(k)
+        return "" if x is None else f"{x:.0f} %" if r["metric"] == "removed" else f"{x:.1f}"
+    lines = ["|  | " + " | ".join(columns) + " |", "|---|" + "|".join("---" for _ in columns) + "|",
+             *("| " + r["row"] + " | " + " | ".join(cell(r, k) for k in columns) + " |" for r in rows)]
+    return "\n".join(lines) + "\n"
+
+
+def pivot_caption(axis: str) -> str:
+    return (f"At a glance, one column per {axis} (means over the seeds; harmful score ⬇, task accuracy ⬆; share "
+            f"removed = (finetuned − variant) / (finetuned − aligned)):")
+
+
 def _fmt(x) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return ""
@@ -474,29 +535,33 @@ def _knob_label(r: dict, knobs: list[str]) -> str:
     return ", ".join(str(r.get(k)) for k in knobs)
 
 
-def text_report(rows: list[dict], compare: dict | None = None) -> str:
-    """The summary table with its interval caption, then the paired differences within each grid point, then those
-    across the `compare` axes (axis -> reference value): what `nlsr report` prints."""
+def text_report(rows: list[dict], compare: dict | None = None, pivots: dict | None = None) -> str:
+    """The summary table with its interval caption, then one pivot per `pivots` axis (axis -> column order or
+    None), then the paired differences within each grid point, then those across the `compare` axes (axis ->
+    reference value): what `nlsr report` prints."""
     summary = summarize(rows)
     text = markdown(summary, summary_fields(rows))
     caption = interval_caption(summary) if any(r.get("harmful_score_lo") is not None for r in summary) else ""
+    glance = "".join(f"\n{pivot_caption(axis)}\n\n{pivot_markdown(pivot(summary, axis, order))}"
+                     for axis, order in (pivots or {}).items())
     pairs, cross = paired_markdown(paired(rows)), across_markdown(rows, compare)
-    return text + (f"\n{caption}\n" if caption else "") + (f"\n{pairs}" if pairs else "") \
+    return text + (f"\n{caption}\n" if caption else "") + glance + (f"\n{pairs}" if pairs else "") \
         + (f"\n{cross}" if cross else "")
 
 
 def write_results(rows: list[dict], out_dir: str | Path, title: str | None = None,
-                  compare: dict | None = None) -> dict[str, Path]:
+                  compare: dict | None = None, pivots: dict | None = None) -> dict[str, Path]:
     """results.csv (every row), rows.jsonl (every row with its per-prompt verdicts: everything else here can be
     rebuilt from it, `nlsr report --rows`), summary.csv (seed-averaged), paired.csv (paired differences),
-    across-<axis>.csv per `compare` axis (paired differences between grid points), results.md (summary and paired
-    tables) and pareto.png (the summary, with intervals) in `out_dir`."""
+    across-<axis>.csv per `compare` axis (paired differences between grid points), pivot-<axis>.csv per `pivots`
+    axis (the paper's layout), results.md (summary, pivot and paired tables) and pareto.png (the summary, with intervals) in `out_dir`."""
     with atomic_files(out_dir) as tmp:  # a failure half-way leaves the folder as it was
-        names = _write_results(rows, tmp, title, compare)
+        names = _write_results(rows, tmp, title, compare, pivots)
     return {key: Path(out_dir) / name for key, name in names.items()}
 
 
-def _write_results(rows: list[dict], out_dir: Path, title: str | None, compare: dict | None) -> dict[str, str]:
+def _write_results(rows: list[dict], out_dir: Path, title: str | None, compare: dict | None,
+                   pivots: dict | None) -> dict[str, str]:
     axes = grouping(rows)
     rows = sorted(rows, key=lambda r: _sort_key(r, axes))
     summary = summarize(rows)
@@ -512,6 +577,9 @@ def _write_results(rows: list[dict], out_dir: Path, title: str | None, compare: 
     for axis, reference in (compare or {}).items():
         paths[f"across-{axis}"] = write_csv(across(rows, axis, reference), out_dir / f"across-{axis}.csv",
                                             across_fields(rows, axis))
-    paths["markdown"].write_text((f"# {title}\n\n" if title else "") + text_report(rows, compare))
+    for axis, order in (pivots or {}).items():
+        table = pivot(summary, axis, order)
+        paths[f"pivot-{axis}"] = write_csv(table, out_dir / f"pivot-{axis}.csv")
+    paths["markdown"].write_text((f"# {title}\n\n" if title else "") + text_report(rows, compare, pivots))
     return {key: Path(p).name for key, p in paths.items()}
     return paths

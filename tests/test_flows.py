@@ -366,7 +366,8 @@ def test_a_sweep_grid_reports_each_value(first, capsys):
     from tasks.keys import plan
     root = first["root"]
     grid = {"name": "sweep", "base": str(SMOKE), "overrides": [f"artifact_root={root}"],
-            "axes": {"realign.layer_rate": [0.3, 0.5]}, "compare": {"realign.layer_rate": 0.5}}
+            "axes": {"realign.layer_rate": [0.3, 0.5]}, "compare": {"realign.layer_rate": 0.5},
+            "pivot": "realign.layer_rate"}
     (root / "sweep.yaml").write_text(yaml.safe_dump(grid))
     before = computed(ArtifactStore(root))
     assert main(["grid", str(root / "sweep.yaml")]) == 0
@@ -388,6 +389,10 @@ def test_a_sweep_grid_reports_each_value(first, capsys):
     assert {(r["a"], r["b"]) for r in across} >= {("realigned (0.3)", "realigned (0.5)")}
     assert not {r["variant"] for r in across} & {"aligned", "finetuned", "safelora"}
     assert "Across realign.layer_rate: each value against 0.5" in (root / "grids" / "sweep" / "results.md").read_text()
+    # pivot: the paper's layout, one column per value in the grid's order
+    glance = read_csv(root / "grids" / "sweep" / "pivot-realign.layer_rate.csv")
+    assert list(glance[0]) == ["row", "metric", "0.3", "0.5", "mean"]
+    assert {"realigned: harmful score", "safelora: task accuracy"} <= {r["row"] for r in glance}
     assert main(["report", "--root", str(root), "--experiment", "nlsr/sweep", "--compare",
                  "realign.layer_rate=0.5"]) == 0
     assert "realigned (0.3) − realigned (0.5)" in capsys.readouterr().out

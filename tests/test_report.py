@@ -301,3 +301,68 @@ def test_grid_only_selects_cells_by_axis_values():
         grid.selected(["data.seed=3"])
     with pytest.raises(ConfigError, match=r"'seed' is not an axis of grid g; expected one of \['data.seed', "):
         grid.selected(["seed=0"])
+
+
+def method_rows(task: str = "sst2") -> list[dict]:
+    """Two alignment methods over two seeds (shift ±2, so the means are the centre values)."""
+    out = []
+    for method, scores in (("sft", {"aligned": 20, "finetuned": 60, "realigned": 40}),
+                           ("dpo", {"aligned": 0, "finetuned": 40, "realigned": 12})):
+        for seed, shift in ((0, -2.0), (1, 2.0)):
+            for variant, hs in scores.items():
+                out.append({"task": task, "poison_ratio": 0.2, "alignment": method, "scorer": "lowrank",
+                            "realign": "nlsr", "seed": 0, "data_seed": seed, "variant": variant,
+                            "harmful_score": hs + shift, "task_accuracy": 70.0 + shift})
+    return out
+
+
+def test_pivot_lays_out_one_column_per_axis_value(tmp_path, capsys):
+    """The paper's layout: sft removes (60 − 40) / (60 − 20) = 50 % of the fine-tuning's increase, dpo
+    (40 − 12) / (40 − 0) = 70 %, mean 60 %; the columns follow the order given, the summary's order without one."""
+    import pytest
+
+    from flows.cli import main
+    summary = report.summarize(method_rows())
+    table = report.pivot(summary, "alignment.method", ["sft", "dpo", "kto"])  # kto: no rows, no column
+    assert [r["row"] for r in table] == ["aligned: harmful score", "finetuned: harmful score",
+                                         "realigned: harmful score", "realigned: share of the increase removed",
+                                         "aligned: task accuracy", "finetuned: task accuracy",
+                                         "realigned: task accuracy"]
+    removed = table[3]
+    assert (removed["sft"], removed["dpo"], removed["mean"]) == (50.0, 70.0, 60.0) and "kto" not in removed
+    assert list(report.pivot(summary, "alignment")[0])[2:] == ["dpo", "sft", "mean"]
+    text = report.pivot_markdown(table)
+    assert "|  | sft | dpo | mean |" in text and "| realigned: share of the increase removed | 50 % | 70 % | 60 % |" in text
+    assert "| finetuned: harmful score | 60.0 | 40.0 | 50.0 |" in text
+    with pytest.raises(ValueError, match="also differ in task"):
+        report.pivot(report.summarize(method_rows() + method_rows("agnews")), "alignment.method")
+
+    paths = report.write_results(method_rows(), tmp_path / "out", pivots={"alignment.method": ["sft", "dpo"]})
+    assert [r["row"] for r in report.read_csv(paths["pivot-alignment.method"])][3].startswith("realigned: share")
+    assert text in paths["markdown"].read_text()
+
+    rows = report.write_results(method_rows(), tmp_path / "parts")["rows_jsonl"]
+    assert main(["report", "--rows", str(rows), "--out", str(tmp_path / "cli"), "--pivot",
+                 "alignment.method=sft,dpo"]) == 0
+    assert text in capsys.readouterr().out
+    for spec, message in (("alignment.method=sft,simpo", "no rows with alignment.method = simpo (values: dpo, sft)"),
+                          ("alignment.methd", "--pivot alignment.methd: not a column")):
+        assert main(["report", "--rows", str(rows), "--out", str(tmp_path / "never"), "--pivot", spec]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "never").exists()
+
+
+def test_grid_pivot_must_be_the_one_axis_besides_seeds():
+    import pytest
+
+    from nlsr.config import ConfigError, GridConfig, validate
+    spec = {"name": "g", "base": "../default.yaml", "axes": {"alignment.method": ["sft", "dpo"], "data.seed": [0, 1]}}
+    assert validate({**spec, "pivot": "alignment.method"}, "g.yaml", GridConfig).pivots() == \
+        {"alignment.method": ["sft", "dpo"]}
+    assert validate(spec, "g.yaml", GridConfig).pivots() == {}
+    for bad, message in (({"pivot": "scoring.method"}, "pivot: expected one of the axes"),
+                         ({"pivot": "alignment.method", "axes": {**spec["axes"], "data.poison_ratio": [0.1, 0.2]}},
+                          "the axes data.poison_ratio vary too")):
+        with pytest.raises(ConfigError, match=message):
+            validate({**spec, **bad}, "g.yaml", GridConfig)

@@ -12,10 +12,11 @@ from nlsr import report
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 # folder -> variants it must hold (a shipped table that lost its defenses or its realigned rows is caught) and the
-# `nlsr report --compare` it was made with
-SHIPPED = {"defenses": ({"finetuned", "realigned", "resta", "vaccine", "nlsr-on-lisa"}, {}),
-           "table1-poison-ratio": ({"aligned", "finetuned", "realigned"}, {}),
-           "table2-alignment": ({"aligned", "finetuned", "realigned"}, {"alignment.method": "dpo"})}
+# `nlsr report --compare` and `--pivot` it was made with
+SHIPPED = {"defenses": ({"finetuned", "realigned", "resta", "vaccine", "nlsr-on-lisa"}, {}, {}),
+           "table1-poison-ratio": ({"aligned", "finetuned", "realigned"}, {}, {"data.poison_ratio": None}),
+           "table2-alignment": ({"aligned", "finetuned", "realigned"}, {"alignment.method": "dpo"},
+                                {"alignment.method": ["sft", "dpo", "orpo", "kto", "simpo"]})}
 
 
 def _table(markdown: str) -> list[str]:
@@ -28,13 +29,17 @@ def test_every_folder_with_rows_is_checked():
 
 @pytest.mark.parametrize("folder", sorted(SHIPPED))
 def test_shipped_results_are_the_report_of_their_rows(folder, tmp_path):
-    variants, compare = SHIPPED[folder]
+    variants, compare, pivots = SHIPPED[folder]
     rows = file_rows([RESULTS / folder / "rows.jsonl"])
     assert {r["variant"] for r in rows} >= variants
-    again = report.write_results(rows, tmp_path, compare=compare)
+    again = report.write_results(rows, tmp_path, compare=compare, pivots=pivots)
     shipped = (RESULTS / folder / "results.md").read_text()
     assert again["markdown"].read_text() == shipped
     readme = (ROOT / "README.md").read_text()
     quoted = _table(shipped)
     n_rows = len({tuple(r[k] for k in (*report.AXES, "variant")) for r in rows})  # one table row per cell variant
     assert len(quoted) == n_rows and all(line in readme for line in quoted)
+    summary = report.summarize(rows)
+    for axis, order in pivots.items():  # the paper-layout table, quoted whole
+        glance = report.pivot_markdown(report.pivot(summary, axis, order))
+        assert glance in shipped and glance in readme
