@@ -268,7 +268,7 @@ def across_markdown(rows: list[dict], compare: dict | None) -> str:
 
 def pivot(summary: list[dict], axis: str, values: Iterable | None = None) -> list[dict]:
     """The paper's layout (its Tables 1, 2 and 5): one column per value of grid axis `axis` (in the order of
-    `values` and only those that have rows, default: as the summary sorts them) and a 'mean' column over them; one row per variant and score:
+    `values` and only those that have rows, default: numbers by value, then words) and a 'mean' column over them; one row per variant and score:
     each variant's harmful score, the share of the fine-tuning's increase each defense removes
     ((finetuned − variant) / (finetuned − aligned), in %), then each variant's task accuracy. The summary's other
     axes must hold one value each (the columns differ in `axis` only)."""
@@ -277,7 +277,7 @@ def pivot(summary: list[dict], axis: str, values: Iterable | None = None) -> lis
     if fixed:
         raise ValueError(f"pivot {axis}: the rows also differ in {', '.join(fixed)}; expected rows that differ in "
                          f"{axis} alone")
-    present = list(dict.fromkeys(str(r.get(col)) for r in summary))
+    present = sorted({str(r.get(col)) for r in summary}, key=_value_order)
     columns = [v for v in map(str, values) if v in present] if values is not None else present  # a partial grid
     cell = {(str(r.get(col)), r["variant"]): r for r in summary}
     variants = sorted({r["variant"] for r in summary}, key=variant_rank)
@@ -306,6 +306,14 @@ def pivot(summary: list[dict], axis: str, values: Iterable | None = None) -> lis
     for variant in variants:
         line(f"{variant}: task accuracy", "task_accuracy", lambda v, n=variant: score(v, n, "task_accuracy"))
     return out
+
+
+def _value_order(v: str) -> tuple:
+    """Numbers by value (p 0.05 before 0.1, 9 before 10), then words alphabetically."""
+    try:
+        return (0, float(v), "")
+    except ValueError:
+        return (1, 0.0, v)
 
 
 def pivot_markdown(rows: list[dict]) -> str:

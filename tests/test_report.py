@@ -331,6 +331,9 @@ def test_pivot_lays_out_one_column_per_axis_value(tmp_path, capsys):
     removed = table[3]
     assert (removed["sft"], removed["dpo"], removed["mean"]) == (50.0, 70.0, 60.0) and "kto" not in removed
     assert list(report.pivot(summary, "alignment")[0])[2:] == ["dpo", "sft", "mean"]
+    steps = report.summarize([{**r, "alignment": "dpo", "finetune.max_steps": s} for r in method_rows()[:6]
+                              for s in (9, 10)])
+    assert list(report.pivot(steps, "finetune.max_steps")[0])[2:] == ["9", "10", "mean"]  # by value, not as text
     text = report.pivot_markdown(table)
     assert "|  | sft | dpo | mean |" in text and "| realigned: share of the increase removed | 50 % | 70 % | 60 % |" in text
     assert "| finetuned: harmful score | 60.0 | 40.0 | 50.0 |" in text
