@@ -451,7 +451,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
     """Safety vs accuracy: x = harmful score (lower is better), y = task accuracy; one panel per task, one colour
     per variant, 95 % intervals as error bars, an arrow from each grid point's fine-tuned model to its realigned
-    one, the Pareto front drawn and its points labelled. `rows`: summary rows (or cell rows). Writes a PNG."""
+    one, the Pareto front drawn and its points labelled by variant (by the grid's knob instead, when the points differ
+    in one). `rows`: summary rows (or cell rows). Writes a PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -482,7 +483,7 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
         if front:
             ax.step([r["harmful_score"] for r in front], [r["task_accuracy"] for r in front], where="post",
                     color="black", linewidth=1, linestyle="--", label="Pareto front")
-            for r in front:
+            for r in front if not knobs else ():  # with knob labels the colour alone says the variant: no overlap
                 ax.annotate(r["variant"], (r["harmful_score"], r["task_accuracy"]), fontsize=7,
                             xytext=(4, 4), textcoords="offset points")
         ax.set_title(str(task) + (f" (point labels: {', '.join(knobs)})" if knobs else ""), fontsize=10)
