@@ -236,22 +236,23 @@ def _report(args) -> int:
         axis, _, order = spec.partition("=")
         col = report.axis_column(axis)
         values = [v.strip() for v in order.split(",")] if order else None
-        present = {str(r.get(col)) for r in rows}
         if col not in columns:
             print(f"nlsr report: --pivot {axis}: not a column of these results (columns: "
                   f"{', '.join(report.grouping(rows))})", file=sys.stderr)
             return 2
+        present = {str(r.get(col)) for r in rows}
         unknown = [v for v in values or [] if v not in present]
         if unknown:
             print(f"nlsr report: --pivot {spec}: no rows with {axis} = {', '.join(unknown)} (values: "
                   f"{', '.join(sorted(present))})", file=sys.stderr)
             return 2
+        try:  # the rows must differ in this axis alone: checked before anything is written
+            report.pivot(report.summarize(rows), axis, values)
+        except ValueError as e:
+            print(f"nlsr report: --{e}", file=sys.stderr)
+            return 2
         pivots[axis] = values
-    try:
-        paths = report.write_results(rows, out, title=args.experiment, compare=compare, pivots=pivots)
-    except ValueError as e:  # the rows differ in more than the pivot axis
-        print(f"nlsr report: --{e}", file=sys.stderr)
-        return 2
+    paths = report.write_results(rows, out, title=args.experiment, compare=compare, pivots=pivots)
     print(report.text_report(rows, compare, pivots))
     print(f"{len(rows)} rows; tables: {paths['rows']}, {paths['summary']}, {paths['paired']}, {paths['markdown']}; "
           f"plot: {paths['plot']}")

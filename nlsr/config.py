@@ -558,13 +558,17 @@ class GridConfig(Strict):
             if reference not in self.axes.get(key, []):
                 raise ValueError(f"compare.{key}: expected one of the values of axes.{key} "
                                  f"({self.axes.get(key, 'not an axis')}), got {reference!r}")
-        if self.pivot is not None and self.pivot not in self.axes:
+        if self.pivot is not None:
+            self._check_pivot()
+        return self
+
+    def _check_pivot(self) -> None:
+        if self.pivot not in self.axes:
             raise ValueError(f"pivot: expected one of the axes ({', '.join(self.axes)}), got {self.pivot!r}")
         others = [k for k, v in self.axes.items() if k != self.pivot and len(v) > 1 and k.split(".")[-1] != "seed"]
-        if self.pivot is not None and others:
+        if others:
             raise ValueError(f"pivot: {self.pivot}: the axes {', '.join(others)} vary too; expected the pivot to be "
                              f"the one axis besides seeds")
-        return self
 
     def pivots(self) -> dict[str, list]:
         """`pivot` as nlsr.report.write_results takes it: axis -> its values in the grid's order."""

@@ -268,10 +268,10 @@ def across_markdown(rows: list[dict], compare: dict | None) -> str:
 
 def pivot(summary: list[dict], axis: str, values: Iterable | None = None) -> list[dict]:
     """The paper's layout (its Tables 1, 2 and 5): one column per value of grid axis `axis` (in the order of
-    `values` and only those that have rows, default: numbers by value, then words) and a 'mean' column over them; one row per variant and score:
-    each variant's harmful score, the share of the fine-tuning's increase each defense removes
-    ((finetuned − variant) / (finetuned − aligned), in %), then each variant's task accuracy. The summary's other
-    axes must hold one value each (the columns differ in `axis` only)."""
+    `values` and only those that have rows; default: numbers by value, then words) and a 'mean' column over them.
+    One row per variant and score: each variant's harmful score, the share of the fine-tuning's increase each
+    defense removes ((finetuned − variant) / (finetuned − aligned), in %), then each variant's task accuracy. The
+    summary's other axes must hold one value each (the columns differ in `axis` only); else ValueError."""
     col = axis_column(axis)
     fixed = [a for a in grouping(summary) if a != col and len({str(r.get(a)) for r in summary}) > 1]
     if fixed:
@@ -563,7 +563,8 @@ def write_results(rows: list[dict], out_dir: str | Path, title: str | None = Non
     """results.csv (every row), rows.jsonl (every row with its per-prompt verdicts: everything else here can be
     rebuilt from it, `nlsr report --rows`), summary.csv (seed-averaged), paired.csv (paired differences),
     across-<axis>.csv per `compare` axis (paired differences between grid points), pivot-<axis>.csv per `pivots`
-    axis (the paper's layout), results.md (summary, pivot and paired tables) and pareto.png (the summary, with intervals) in `out_dir`."""
+    axis (the paper's layout), results.md (summary, pivot and paired tables) and pareto.png (the summary, with
+    intervals) in `out_dir`."""
     with atomic_files(out_dir) as tmp:  # a failure half-way leaves the folder as it was
         names = _write_results(rows, tmp, title, compare, pivots)
     return {key: Path(out_dir) / name for key, name in names.items()}
@@ -591,4 +592,3 @@ def _write_results(rows: list[dict], out_dir: Path, title: str | None, compare: 
         paths[f"pivot-{axis}"] = write_csv(table, out_dir / f"pivot-{axis}.csv")
     paths["markdown"].write_text((f"# {title}\n\n" if title else "") + text_report(rows, compare, pivots))
     return {key: Path(p).name for key, p in paths.items()}
-    return paths
