@@ -232,6 +232,7 @@ def _report(args) -> int:
                   f"{', '.join(report.grouping(rows))})", file=sys.stderr)
             return 2
     pivots = {}
+    summary = report.summarize(rows) if args.pivot else []
     for spec in args.pivot:
         axis, _, order = spec.partition("=")
         col = report.axis_column(axis)
@@ -247,7 +248,7 @@ def _report(args) -> int:
                   f"{', '.join(sorted(present))})", file=sys.stderr)
             return 2
         try:  # the rows must differ in this axis alone: checked before anything is written
-            report.pivot(report.summarize(rows), axis, values)
+            report.pivot(summary, axis, values)
         except ValueError as e:
             print(f"nlsr report: --{e}", file=sys.stderr)
             return 2
