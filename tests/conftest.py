@@ -46,3 +46,13 @@ def embedded_base() -> Path:
     from nlsr.modeling import base_folder
     root = Path(os.environ.get("NLSR_MODEL_CACHE", Path.home() / ".cache" / "nlsr"))
     return base_folder(ModelConfig(source="embedded"), root)
+
+
+def pytest_runtest_setup(item):
+    """Fail each grouped test when `--dist loadgroup` did not group it: the tests of a group share a Prefect server,
+    a port or earlier tests' artifacts, and a split group fails at random (pytest 9.2 with pytest-xdist 3.8 split
+    every group, silently). xdist marks a grouped test by appending "@group" to its node id on the worker."""
+    if item.config.getoption("loadgroup", default=False) and item.get_closest_marker("xdist_group") \
+            and "@" not in item.nodeid:
+        pytest.fail("--dist loadgroup ignored this test's xdist_group mark (this pytest / pytest-xdist pair does not "
+                    "group tests): install the versions in requirements.lock", pytrace=False)
