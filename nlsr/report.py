@@ -37,6 +37,7 @@ SUMMARY_FIELDS = (*AXES, "variant", "n_seeds", "harmful_score", "harmful_score_l
 PAIRED_FIELDS = ("metric", "a", "b", "n_seeds", "n_prompts", "diff", "diff_lo", "diff_hi", "a_only", "b_only",
                  "p_value")
 ROWS_FILE = "rows.jsonl"  # every row, verdicts included: what `nlsr report --rows` reads back
+SIGNIFICANCE = 0.05  # the level of every "significant" here: a * in the paired tables, a share shown in a pivot
 EXTRA = "harmful_score_"  # harmful_score_<set>: the harmful score on an extra prompt set (AdvBench, HarmBench)
 COUNTS = {"harmful_score": "n_harmful", "task_accuracy": "n_task"}  # else n_<set> for harmful_score_<set>
 
@@ -266,11 +267,14 @@ def across_markdown(rows: list[dict], compare: dict | None) -> str:
     return "\n".join(parts)
 
 
-def pivot(summary: list[dict], axis: str, values: Iterable | None = None) -> list[dict]:
+def pivot(summary: list[dict], axis: str, values: Iterable | None = None,
+          pairs: Iterable[dict] | None = None) -> list[dict]:
     """The paper's layout (its Tables 1, 2 and 5): one column per value of grid axis `axis` (in the order of
     `values` and only those that have rows; default: numbers by value, then words) and a 'mean' column over them.
     One row per variant and score: each variant's harmful score, the share of the fine-tuning's increase each
-    defense removes ((finetuned − variant) / (finetuned − aligned), in %), then each variant's task accuracy. The
+    defense removes ((finetuned − variant) / (finetuned − aligned), in %), then each variant's task accuracy. With
+    `pairs` (`paired` of the same rows) a share is left blank where the increase itself is not significant
+    (finetuned vs aligned, p ≥ 0.05): a share of a chance increase (+1.6 points: 200 % removed) means nothing. The
     summary's other axes must hold one value each (the columns differ in `axis` only); else ValueError."""
     col = axis_column(axis)
     fixed = [a for a in grouping(summary) if a != col and len({str(r.get(a)) for r in summary}) > 1]
@@ -293,10 +297,13 @@ def pivot(summary: list[dict], axis: str, values: Iterable | None = None) -> lis
     def score(v: str, variant: str, name: str) -> float | None:
         return (cell.get((v, variant)) or {}).get(name)
 
+    chance = {str(r.get(col)) for r in pairs or () if (r["metric"], r["a"], r["b"]) ==
+              ("harmful_score", "finetuned", "aligned") and not (r["p_value"] or 1.0) < SIGNIFICANCE}
+
     def removed(v: str, variant: str) -> float | None:
         ft, al, x = score(v, "finetuned", "harmful_score"), score(v, "aligned", "harmful_score"), \
             score(v, variant, "harmful_score")
-        return None if None in (ft, al, x) or ft <= al else 100 * (ft - x) / (ft - al)
+        return None if None in (ft, al, x) or ft <= al or v in chance else 100 * (ft - x) / (ft - al)
 
     for variant in variants:
         line(f"{variant}: harmful score", "harmful_score", lambda v, n=variant: score(v, n, "harmful_score"))
@@ -332,7 +339,8 @@ def pivot_markdown(rows: list[dict]) -> str:
 
 def pivot_caption(axis: str) -> str:
     return (f"At a glance, one column per {axis} (means over the seeds; harmful score ⬇, task accuracy ⬆; share "
-            f"removed = (finetuned − variant) / (finetuned − aligned)):")
+            f"removed = (finetuned − variant) / (finetuned − aligned), blank where the fine-tuning's increase is not "
+            f"significant, exact McNemar p ≥ {SIGNIFICANCE}):")
 
 
 def _fmt(x) -> str:
@@ -394,13 +402,13 @@ def paired_markdown(rows: list[dict]) -> str:
             "p (exact McNemar)"]
     body = []
     for r in rows:
-        star = " *" if r["p_value"] < 0.05 else ""
+        star = " *" if r["p_value"] < SIGNIFICANCE else ""
         body.append([r["metric"], *(_fmt(r.get(a)) for a in axes), f"{r['a']} − {r['b']}", str(r["n_seeds"]),
                      str(r["n_prompts"]), f"{r['diff']:+.2f} [{r['diff_lo']:+.1f}, {r['diff_hi']:+.1f}]",
                      f"{r['a_only']} / {r['b_only']}", f"{r['p_value']:.3g}{star}"])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
              *("| " + " | ".join(b) + " |" for b in body)]
-    return "\n".join(lines) + f"\n\nPaired on the same prompts: {stats.METHODS['paired']}; * p < 0.05.\n"
+    return "\n".join(lines) + f"\n\nPaired on the same prompts: {stats.METHODS['paired']}; * p < {SIGNIFICANCE}.\n"
 
 
 def write_csv(rows: list[dict], path: str | Path, fields: tuple[str, ...] | None = None) -> Path:
@@ -551,9 +559,10 @@ def text_report(rows: list[dict], compare: dict | None = None, pivots: dict | No
     summary = summarize(rows)
     text = markdown(summary, summary_fields(rows))
     caption = interval_caption(summary) if any(r.get("harmful_score_lo") is not None for r in summary) else ""
-    glance = "".join(f"\n{pivot_caption(axis)}\n\n{pivot_markdown(pivot(summary, axis, order))}"
+    pairs = paired(rows)
+    glance = "".join(f"\n{pivot_caption(axis)}\n\n{pivot_markdown(pivot(summary, axis, order, pairs))}"
                      for axis, order in (pivots or {}).items())
-    pairs, cross = paired_markdown(paired(rows)), across_markdown(rows, compare)
+    pairs, cross = paired_markdown(pairs), across_markdown(rows, compare)
     return text + (f"\n{caption}\n" if caption else "") + glance + (f"\n{pairs}" if pairs else "") \
         + (f"\n{cross}" if cross else "")
 
@@ -574,21 +583,21 @@ def _write_results(rows: list[dict], out_dir: Path, title: str | None, compare: 
                    pivots: dict | None) -> dict[str, str]:
     axes = grouping(rows)
     rows = sorted(rows, key=lambda r: _sort_key(r, axes))
-    summary = summarize(rows)
+    summary, pairs = summarize(rows), paired(rows)
     extra = axes[len(AXES):]
     extras = tuple(f for name in extra_scores(rows) for f in (name, f"{name}_lo", f"{name}_hi", f"n_{name[len(EXTRA):]}"))
     row_fields = (*ROW_FIELDS[:1 + len(AXES)], *extra, *ROW_FIELDS[1 + len(AXES):-2], *extras, *ROW_FIELDS[-2:])
     paths = {"rows": write_csv(rows, out_dir / "results.csv", row_fields),
              "rows_jsonl": write_jsonl(rows, out_dir / ROWS_FILE),
              "summary": write_csv(summary, out_dir / "summary.csv", summary_fields(rows)),
-             "paired": write_csv(paired(rows), out_dir / "paired.csv", paired_fields(rows)),
+             "paired": write_csv(pairs, out_dir / "paired.csv", paired_fields(rows)),
              "markdown": out_dir / "results.md",
              "plot": plot(summary, out_dir / "pareto.png", title)}
     for axis, reference in (compare or {}).items():
         paths[f"across-{axis}"] = write_csv(across(rows, axis, reference), out_dir / f"across-{axis}.csv",
                                             across_fields(rows, axis))
     for axis, order in (pivots or {}).items():
-        table = pivot(summary, axis, order)
+        table = pivot(summary, axis, order, pairs)
         paths[f"pivot-{axis}"] = write_csv(table, out_dir / f"pivot-{axis}.csv")
     paths["markdown"].write_text((f"# {title}\n\n" if title else "") + text_report(rows, compare, pivots))
     return {key: Path(p).name for key, p in paths.items()}

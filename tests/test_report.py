@@ -356,6 +356,26 @@ def test_pivot_lays_out_one_column_per_axis_value(tmp_path, capsys):
     assert not (tmp_path / "never").exists()
 
 
+def test_pivot_leaves_a_share_of_a_chance_increase_blank(tmp_path):
+    """Over 64 prompts: at p 0.05 the fine-tuning adds 2 harmful answers to the aligned model's 1 (exact McNemar
+    p = 0.5, not significant), so 'NLSR removed 200 %' would mean nothing: blank. At p 0.2 it adds 20 (p 2e-6):
+    (21 - 6) / (21 - 1) = 75 % removed. The mean needs every column."""
+    from nlsr.stats import encode
+    counts = {0.05: {"aligned": 1, "finetuned": 3, "realigned": 0}, 0.2: {"aligned": 1, "finetuned": 21, "realigned": 6}}
+    rows = [{"task": "sst2", "poison_ratio": ratio, "alignment": "dpo", "scorer": "lowrank", "realign": "nlsr",
+             "seed": 0, "data_seed": 0, "variant": variant, "harmful_score": 100 * k / 64, "task_accuracy": 70.0,
+             "verdicts": {"harmful_score": encode([i < k for i in range(64)])}}  # nested: the same first prompts
+            for ratio, by_variant in counts.items() for variant, k in by_variant.items()]
+    summary, pairs = report.summarize(rows), report.paired(rows)
+    share = {r["row"]: r for r in report.pivot(summary, "data.poison_ratio", None, pairs)}[
+        "realigned: share of the increase removed"]
+    assert share["0.05"] is None and share["0.2"] == 75.0 and share["mean"] is None
+    assert report.pivot(summary, "data.poison_ratio")[3]["0.05"] == 150.0  # without the tests: (3 - 0) / (3 - 1)
+    text = report.write_results(rows, tmp_path, pivots={"data.poison_ratio": None})["markdown"].read_text()
+    assert "| realigned: share of the increase removed |  | 75 % |  |" in text
+    assert "blank where the fine-tuning's increase is not significant, exact McNemar p ≥ 0.05" in text
+
+
 def test_grid_pivot_must_be_the_one_axis_besides_seeds():
     import pytest
 

@@ -42,5 +42,5 @@ def test_shipped_results_are_the_report_of_their_rows(folder, tmp_path):
     summary = report.summarize(rows)  # one table row per cell variant (a grid's own axes included), seeds pooled
     assert len(quoted) == len(summary) and all(line in readme for line in quoted)
     for axis, order in pivots.items():  # the paper-layout table, quoted whole
-        glance = report.pivot_markdown(report.pivot(summary, axis, order))
+        glance = report.pivot_markdown(report.pivot(summary, axis, order, report.paired(rows)))
         assert glance in shipped and glance in readme
