@@ -298,7 +298,7 @@ def pivot(summary: list[dict], axis: str, values: Iterable | None = None,
         return (cell.get((v, variant)) or {}).get(name)
 
     chance = {str(r.get(col)) for r in pairs or () if (r["metric"], r["a"], r["b"]) ==
-              ("harmful_score", "finetuned", "aligned") and not (r["p_value"] or 1.0) < SIGNIFICANCE}
+              ("harmful_score", "finetuned", "aligned") and (r["p_value"] is None or r["p_value"] >= SIGNIFICANCE)}
 
     def removed(v: str, variant: str) -> float | None:
         ft, al, x = score(v, "finetuned", "harmful_score"), score(v, "aligned", "harmful_score"), \
