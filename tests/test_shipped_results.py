@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 # folder -> variants it must hold (a shipped table that lost its defenses or its realigned rows is caught) and the
 # `nlsr report --compare` and `--pivot` it was made with
-SHIPPED = {"default-seeds-on-quick": ({"aligned", "finetuned", "realigned"}, {}, {}),
+SHIPPED = {"diagnose-orpo": ({"aligned", "finetuned", "realigned", "restore-modules"}, {}, {}),
+           "default-seeds-on-quick": ({"aligned", "finetuned", "realigned"}, {}, {}),
            "tune-quick": ({"aligned", "finetuned", "realigned"}, {}, {"finetune.learning_rate": None}),
            "defenses": ({"finetuned", "realigned", "resta", "vaccine", "nlsr-on-lisa"}, {}, {}),
            "table1-poison-ratio": ({"aligned", "finetuned", "realigned"}, {}, {"data.poison_ratio": None}),
