@@ -483,9 +483,10 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
         # the columns that tell this panel's points apart: a sweep's knob, or an axis such as the scorer (Table 5)
         knobs = sorted({k for r in mine for k in r if "." in k}) \
             + [a for a in AXES[1:] if len({str(r.get(a)) for r in mine}) > 1]
-        for r in mine if knobs else ():  # which value each point is, for the variants the knob moves
+        for same in _coincident(mine) if knobs else ():  # which value each point is, for the variants a knob moves
+            r = same[0]
             if len({(p["harmful_score"], p["task_accuracy"]) for p in mine if p["variant"] == r["variant"]}) > 1:
-                ax.annotate(_knob_label(r, knobs), (r["harmful_score"], r["task_accuracy"]), fontsize=6,
+                ax.annotate(_knob_label(same, knobs), (r["harmful_score"], r["task_accuracy"]), fontsize=6,
                             xytext=(3, -9), textcoords="offset points", color=style[r["variant"]][0])
         front = [mine[i] for i in pareto_front([(r["harmful_score"], r["task_accuracy"]) for r in mine])]
         if front:
@@ -548,8 +549,19 @@ def _moves(ax, points: list[dict]) -> None:
                         arrowprops=dict(arrowstyle="->", color="0.35", linewidth=1, shrinkA=4, shrinkB=4))
 
 
-def _knob_label(r: dict, knobs: list[str]) -> str:
-    return ", ".join(str(r.get(k)) for k in knobs)
+def _coincident(points: list[dict]) -> list[list[dict]]:
+    """The points grouped by variant and position: one label per group, not several printed on top of each other
+    (the aligned model of every P_L of a sweep is one evaluation, at one place)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in points:
+        groups.setdefault((r["variant"], r["harmful_score"], r["task_accuracy"]), []).append(r)
+    return list(groups.values())
+
+
+def _knob_label(same: list[dict], knobs: list[str]) -> str:
+    """The knob values of a group of coincident points; a knob that differs within the group (it does not move
+    this point) is left out, e.g. 'orpo' for the aligned model of every P_L."""
+    return ", ".join(str(same[0].get(k)) for k in knobs if len({str(r.get(k)) for r in same}) == 1) or "all"
 
 
 def text_report(rows: list[dict], compare: dict | None = None, pivots: dict | None = None) -> str:

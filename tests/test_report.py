@@ -389,3 +389,14 @@ def test_grid_pivot_must_be_the_one_axis_besides_seeds():
                           "the axes data.poison_ratio vary too")):
         with pytest.raises(ConfigError, match=message):
             validate({**spec, **bad}, "g.yaml", GridConfig)
+
+
+def test_coincident_points_get_one_label_without_the_knob_that_does_not_move_them():
+    """The aligned model of every P_L is one evaluation at one place: one label ('orpo'), not three on top of
+    each other; realigned points that P_L moves keep their value."""
+    rows = [{"variant": v, "harmful_score": hs, "task_accuracy": 70.0, "alignment": "orpo", "realign.layer_rate": rate}
+            for rate, hs in ((0.3, 40.0), (0.5, 45.0)) for v, hs in (("aligned", 18.0), ("realigned", hs))]
+    groups = report._coincident(rows)
+    labels = {g[0]["variant"] + str(g[0]["harmful_score"]): report._knob_label(g, ["realign.layer_rate", "alignment"])
+              for g in groups}
+    assert labels == {"aligned18.0": "orpo", "realigned40.0": "0.3, orpo", "realigned45.0": "0.5, orpo"}
