@@ -7,8 +7,9 @@ row's tokens up to the stop are the same as without it, only the tokens after it
 anyway) are never computed.
 
 The shared prefix: every evaluation prompt opens with the same template text (Alpaca's preamble is 24 of the 45
-tokens of a mean `harmful_eval` prompt), and on a CPU the prompt's forward pass costs as much per token as decoding.
-So the tokens all prompts share are run once, their keys and values copied to every row of a batch, and each row
+tokens of a mean `harmful_eval` prompt), and computing it again for every row is pure waste (on a 2-core CPU a
+prompt position costs ~1.8 ms against ~13 ms per decoded one: the gain is largest for short answers, e.g. SST-2's
+labels). So the tokens all prompts share are run once, their keys and values copied to every row of a batch, and each row
 is laid out as [shared prefix][padding][its own tokens]: the padding is masked out and the positions come from the
 attention mask, so every real token sits at the position it has without padding, as with left padding.
 """
@@ -40,16 +41,16 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, bat
     cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True).cache if prefix else None
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]), reverse=True)
     answers: list[str] = [""] * len(prompts)
-    stop = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
+    extra = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
         idx = order[start:start + batch_size]
         input_ids, mask = _layout([ids[i] for i in idx], len(prefix), tokenizer.pad_token_id, device)
         if cache is not None:
-            stop["cache"] = copy.deepcopy(cache)
-            stop["cache"].batch_repeat_interleave(len(idx))
+            extra["cache"] = copy.deepcopy(cache)  # generate extends it in place: a fresh copy per batch
+            extra["cache"].batch_repeat_interleave(len(idx))
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, use_cache=True, **stop)
+                             eos_token_id=tokenizer.eos_token_id, use_cache=True, **extra)
         new = out[:, input_ids.shape[1]:]
         for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
             answers[i] = text.strip()

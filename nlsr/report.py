@@ -568,14 +568,18 @@ def text_report(rows: list[dict], compare: dict | None = None, pivots: dict | No
     """The summary table with its interval caption, then one pivot per `pivots` axis (axis -> column order or
     None), then the paired differences within each grid point, then those across the `compare` axes (axis ->
     reference value): what `nlsr report` prints."""
-    summary = summarize(rows)
+    return _text(rows, summarize(rows), paired(rows), compare, pivots)
+
+
+def _text(rows: list[dict], summary: list[dict], pairs: list[dict], compare: dict | None,
+          pivots: dict | None) -> str:
+    """text_report from the summary and paired differences already computed (write_results has them)."""
     text = markdown(summary, summary_fields(rows))
     caption = interval_caption(summary) if any(r.get("harmful_score_lo") is not None for r in summary) else ""
-    pairs = paired(rows)
     glance = "".join(f"\n{pivot_caption(axis)}\n\n{pivot_markdown(pivot(summary, axis, order, pairs))}"
                      for axis, order in (pivots or {}).items())
-    pairs, cross = paired_markdown(pairs), across_markdown(rows, compare)
-    return text + (f"\n{caption}\n" if caption else "") + glance + (f"\n{pairs}" if pairs else "") \
+    paired_text, cross = paired_markdown(pairs), across_markdown(rows, compare)
+    return text + (f"\n{caption}\n" if caption else "") + glance + (f"\n{paired_text}" if paired_text else "") \
         + (f"\n{cross}" if cross else "")
 
 
@@ -611,5 +615,5 @@ def _write_results(rows: list[dict], out_dir: Path, title: str | None, compare: 
     for axis, order in (pivots or {}).items():
         table = pivot(summary, axis, order, pairs)
         paths[f"pivot-{axis}"] = write_csv(table, out_dir / f"pivot-{axis}.csv")
-    paths["markdown"].write_text((f"# {title}\n\n" if title else "") + text_report(rows, compare, pivots))
+    paths["markdown"].write_text((f"# {title}\n\n" if title else "") + _text(rows, summary, pairs, compare, pivots))
     return {key: Path(p).name for key, p in paths.items()}
