@@ -14,6 +14,7 @@ RESULTS = ROOT / "docs" / "results"
 # folder -> variants it must hold (a shipped table that lost its defenses or its realigned rows is caught) and the
 # `nlsr report --compare` and `--pivot` it was made with
 SHIPPED = {"diagnose-orpo": ({"aligned", "finetuned", "realigned", "restore-modules"}, {}, {}),
+           "diagnose-orpo-density": ({"aligned", "finetuned", "realigned", "restore-modules"}, {}, {}),
            "default-seeds-on-quick": ({"aligned", "finetuned", "realigned"}, {}, {}),
            "tune-quick": ({"aligned", "finetuned", "realigned"}, {}, {"finetune.learning_rate": None}),
            "defenses": ({"finetuned", "realigned", "resta", "vaccine", "nlsr-on-lisa"}, {}, {}),
