@@ -470,6 +470,7 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
     variants = sorted({r["variant"] for r in points}, key=variant_rank)
     style = variant_styles(variants)  # variant -> (colour, marker)
     wide = len(variants) > 6  # a long legend goes beside the panels, where it hides no point
+    labels = []  # (axes, text, data point, colour): placed once the layout is final, clear of each other
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks) + (2.2 if wide else 0), 4.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         mine = [r for r in points if r.get("task") == task]
@@ -486,8 +487,8 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
         for same in _coincident(mine) if knobs else ():  # which value each point is, for the variants a knob moves
             r = same[0]
             if len({(p["harmful_score"], p["task_accuracy"]) for p in mine if p["variant"] == r["variant"]}) > 1:
-                ax.annotate(_knob_label(same, knobs), (r["harmful_score"], r["task_accuracy"]), fontsize=6,
-                            xytext=(3, -9), textcoords="offset points", color=style[r["variant"]][0])
+                labels.append((ax, _knob_label(same, knobs), (r["harmful_score"], r["task_accuracy"]),
+                               style[r["variant"]][0]))
         front = [mine[i] for i in pareto_front([(r["harmful_score"], r["task_accuracy"]) for r in mine])]
         if front:
             ax.step([r["harmful_score"] for r in front], [r["task_accuracy"] for r in front], where="post",
@@ -509,6 +510,7 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    _place_labels(labels, fig.dpi)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -547,6 +549,38 @@ def _moves(ax, points: list[dict]) -> None:
             ax.annotate("", xy=(b["harmful_score"], b["task_accuracy"]),
                         xytext=(a["harmful_score"], a["task_accuracy"]),
                         arrowprops=dict(arrowstyle="->", color="0.35", linewidth=1, shrinkA=4, shrinkB=4))
+
+
+LABEL_SIZE = 6  # points
+
+
+def _place_labels(labels: list[tuple], dpi: float) -> None:
+    """Annotate each point below-right of itself, moved further down where it would cover another label."""
+    for ax in {id(a): a for a, *_ in labels}.values():
+        mine = [(text, xy, colour) for a, text, xy, colour in labels if a is ax]
+        anchors = [tuple(p * 72 / dpi for p in ax.transData.transform(xy)) for _, xy, _ in mine]
+        drops = spread_labels(anchors, [0.65 * LABEL_SIZE * len(t) for t, _, _ in mine], LABEL_SIZE + 2)
+        for (text, xy, colour), drop in zip(mine, drops):
+            ax.annotate(text, xy, fontsize=LABEL_SIZE, xytext=(3, -9 - drop), textcoords="offset points",
+                        color=colour)
+
+
+def spread_labels(anchors: list[tuple[float, float]], widths: list[float], height: float,
+                  tries: int = 12) -> list[float]:
+    """How far (in points) to move each label down so that no two label boxes overlap. A label's box spans
+    [x, x + width] x [y - drop, y - drop + height] around its anchor (x, y), in points; labels are placed from the
+    top of the panel down, each moved by `height` until it is clear of those placed (at most `tries` times)."""
+    placed: list[tuple[float, float, float, float]] = []
+    drops = [0.0] * len(anchors)
+    for i in sorted(range(len(anchors)), key=lambda i: (-anchors[i][1], anchors[i][0])):
+        x, y = anchors[i]
+        for _ in range(tries):
+            box = (x, y - drops[i], x + widths[i], y - drops[i] + height)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+            drops[i] += height
+        placed.append((x, y - drops[i], x + widths[i], y - drops[i] + height))
+    return drops
 
 
 def _coincident(points: list[dict]) -> list[list[dict]]:

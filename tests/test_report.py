@@ -400,3 +400,18 @@ def test_coincident_points_get_one_label_without_the_knob_that_does_not_move_the
     labels = {g[0]["variant"] + str(g[0]["harmful_score"]): report._knob_label(g, ["realign.layer_rate", "alignment"])
               for g in groups}
     assert labels == {"aligned18.0": "orpo", "realigned40.0": "0.3, orpo", "realigned45.0": "0.5, orpo"}
+
+
+def test_nearby_labels_are_moved_apart_and_distant_ones_stay():
+    """Four P_L labels of points at one place (ORPO's fine-tuned model realigned by P_SR 0.8 at every P_L) would
+    print on top of each other: each goes below the last; a label far away keeps its place."""
+    anchors = [(100.0, 200.0), (101.0, 200.0), (100.0, 199.0), (300.0, 50.0)]
+    widths = [40.0, 40.0, 40.0, 40.0]
+    drops = report.spread_labels(anchors, widths, 7.5)
+    assert drops[3] == 0.0
+    boxes = [(x, y - d, x + w, y - d + 7.5) for (x, y), w, d in zip(anchors, widths, drops)]
+    for i in range(len(boxes)):
+        for j in range(i):
+            a, b = boxes[i], boxes[j]
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (i, j, drops)
+    assert sorted(drops[:3]) == [0.0, 7.5, 15.0]
