@@ -572,14 +572,18 @@ def spread_labels(anchors: list[tuple[float, float]], widths: list[float], heigh
     top of the panel down, each moved by `height` until it is clear of those placed (at most `tries` times)."""
     placed: list[tuple[float, float, float, float]] = []
     drops = [0.0] * len(anchors)
-    for i in sorted(range(len(anchors)), key=lambda i: (-anchors[i][1], anchors[i][0])):
+
+    def box(i: int) -> tuple[float, float, float, float]:
         x, y = anchors[i]
+        return x, y - drops[i], x + widths[i], y - drops[i] + height
+
+    for i in sorted(range(len(anchors)), key=lambda i: (-anchors[i][1], anchors[i][0])):
         for _ in range(tries):
-            box = (x, y - drops[i], x + widths[i], y - drops[i] + height)
-            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+            a = box(i)
+            if not any(a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3] for b in placed):
                 break
             drops[i] += height
-        placed.append((x, y - drops[i], x + widths[i], y - drops[i] + height))
+        placed.append(box(i))
     return drops
 
 

@@ -128,7 +128,8 @@ class LoraJudge:
                     out[i] = h[r, :len(ids[i])].clone()
         return out
 
-    def logits(self, batch: list):
+    def states(self, batch: list):
+        """The last layer's (normed) state at each row's final token: what the head reads."""
         import torch
         if self.frozen:
             n = max(len(x) for x in batch)
@@ -137,30 +138,27 @@ class LoraJudge:
                 h[i, :len(x)] = x
             h = self.core.norm(self._layers(h, self.core.layers[self.frozen:]))
             last = torch.tensor([len(x) - 1 for x in batch], device=self.device)
-            return self.head(self._standard(h[torch.arange(len(batch)), last])).squeeze(-1)
-        ids_batch = batch
-        n = max(len(x) for x in ids_batch)
-        ids = torch.full((len(ids_batch), n), self.end, dtype=torch.long)
-        mask = torch.zeros(len(ids_batch), n, dtype=torch.long)
-        for i, x in enumerate(ids_batch):
+            return h[torch.arange(len(batch)), last]
+        n = max(len(x) for x in batch)
+        ids = torch.full((len(batch), n), self.end, dtype=torch.long)
+        mask = torch.zeros(len(batch), n, dtype=torch.long)
+        for i, x in enumerate(batch):
             ids[i, :len(x)] = torch.tensor(x)
             mask[i, :len(x)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         h = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        last = mask.sum(1) - 1
-        return self.head(self._standard(h[torch.arange(len(ids_batch)), last])).squeeze(-1)
+        return h[torch.arange(len(batch)), mask.sum(1) - 1]
 
-    def _standard(self, state):
-        return (state - self.shift.to(state.device)) / self.scale.to(state.device)
+    def logits(self, batch: list):
+        state = self.states(batch)
+        return self.head((state - self.shift.to(state.device)) / self.scale.to(state.device)).squeeze(-1)
 
     def fit_standardizer(self, rows: list, batch_size: int = 32) -> None:
         """shift/scale = per-dimension mean / std of the head's input over `rows`, as the model is now."""
         import torch
-        saved, self.head = self.head, torch.nn.Identity()
         self.model.eval()
         with torch.no_grad():
-            states = torch.cat([self.logits(rows[lo:lo + batch_size]) for lo in range(0, len(rows), batch_size)])
-        self.head = saved
+            states = torch.cat([self.states(rows[lo:lo + batch_size]) for lo in range(0, len(rows), batch_size)])
         self.shift, self.scale = states.mean(0), states.std(0).clamp_min(1e-3)
 
     def probabilities(self, ids: list, batch_size: int = 32) -> np.ndarray:
