@@ -70,7 +70,8 @@ def _poison(cfg, method=None):
 
 def _sft(cfg, method=None):
     a = cfg.alignment
-    out = {**_common(cfg), "lora": cfg.lora.model_dump(), "sft": a.sft.model_dump(), "harmless_mix": a.harmless_mix}
+    out = {**_common(cfg), "lora": cfg.lora.model_dump(),
+           "sft": drop_late_defaults(a.sft.model_dump(), "alignment.sft"), "harmless_mix": a.harmless_mix}
     out.update(drop_late_defaults({"safety_answers": a.safety_answers}, "alignment"))
     if a.harmless_mix > 0:  # harmless rows come from the task: only then does the task matter
         out["task"] = cfg.data.task
@@ -109,7 +110,7 @@ def _score(cfg, method=None):
 
 def _finetune(cfg, method=None):
     ft = cfg.finetune.plain() if method is None else cfg.finetune.settings(method)
-    out = {**_common(cfg), "lora": cfg.lora.model_dump(), "finetune": ft}
+    out = {**_common(cfg), "lora": cfg.lora.model_dump(), "finetune": drop_late_defaults(ft, "finetune")}
     meta = FINETUNE_DEFENSES.meta(method) if method else {}
     section = meta.get("section")
     if section:  # the defense's own knobs (defenses.<section>); a knob-less section adds nothing to the key
@@ -122,7 +123,8 @@ def _finetune(cfg, method=None):
 
 
 def _unalign(cfg, method=None):
-    return {**_common(cfg), "lora": cfg.lora.model_dump(), "unaligned": cfg.realign.unaligned.model_dump()}
+    return {**_common(cfg), "lora": cfg.lora.model_dump(),
+            "unaligned": drop_late_defaults(cfg.realign.unaligned.model_dump(), "realign.unaligned")}
 
 
 def _realign(cfg, method=None):
@@ -133,15 +135,22 @@ def _realign(cfg, method=None):
 # experiment hash (tasks/keys.experiment_hash), so existing artifacts, MLflow runs and report keys stay valid.
 LATE_FIELDS = {("alignment", "defenses"): [], ("alignment", "safety_answers"): "all",
                ("evaluation", "task_split"): "test", ("evaluation", "extra_harmful_limit"): None,
-               ("realign", "stack_on"): []}
+               ("realign", "stack_on"): [],
+               **{(*train, "padding_free"): False for train in (("alignment", "sft"), ("finetune",),
+                                                                ("realign", "unaligned"))}}
 
 
 def drop_late_defaults(dump: dict, section: str | None = None) -> dict:
-    """`dump` (the whole config's, or `section`'s) without the late fields that hold their default."""
-    for (sec, name), default in LATE_FIELDS.items():
-        if section not in (None, sec):
+    """`dump` (the whole config's, or the dotted `section`'s, e.g. 'alignment.sft') without the late fields that
+    hold their default."""
+    prefix = tuple(section.split(".")) if section else ()
+    for path, default in LATE_FIELDS.items():
+        if path[:len(prefix)] != prefix:
             continue
-        part = dump if section == sec else dump.get(sec, {})
+        *parents, name = path[len(prefix):]
+        part = dump
+        for key in parents:
+            part = part.get(key, {})
         if part.get(name, default) == default:
             part.pop(name, None)
     return dump

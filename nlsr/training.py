@@ -20,7 +20,7 @@ from typing import Any
 
 from . import data, modeling
 from .atomic import atomic_dir
-from .config import ExperimentConfig, TrainConfig
+from .config import ExperimentConfig, SupervisedConfig, TrainConfig
 from .errors import NLSRError
 from .integrity import check_finite
 from .methods import ALIGNMENT
@@ -87,17 +87,30 @@ def _check_room(tok, prompts: list[str], tc: TrainConfig, what: str) -> None:
                             "is left to train on; raise max_length")
 
 
-def _sft_trainer(model, tok, rows: list[dict], tc: TrainConfig, cfg: ExperimentConfig, workdir: str,
+def _sft_trainer(model, tok, rows: list[dict], tc: SupervisedConfig, cfg: ExperimentConfig, workdir: str,
                  peft_config=None, plug: TrainerPlug | None = None):
     """SFTTrainer on {prompt, completion} rows: EOS appended, labels -100 on the prompt (completion_only_loss).
-    `plug` swaps in a defense's SFTTrainer subclass."""
+    `plug` swaps in a defense's SFTTrainer subclass. With `tc.padding_free` (and no defense trainer: those read the
+    padding mask) a batch is one sequence of its rows: trl's collator gives each row positions from 0, from which
+    transformers builds a block-diagonal causal mask, so every token sees what it sees in the padded batch."""
     from trl import SFTConfig, SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
     plug = plug or TrainerPlug()
     _check_room(tok, [r["prompt"] for r in rows], tc, "SFT")
     args = SFTConfig(**{**_common_args(tc, cfg, workdir), **plug.args}, completion_only_loss=True,
                      dataset_num_proc=None)
+    # The collator is handed over rather than set through SFTConfig.padding_free: trl then stops truncating rows
+    # to max_length, which this stage relies on.
+    collator = (DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)
+                if padding_free(tc, plug) else None)
     return (plug.trainer_cls or SFTTrainer)(model=model, args=args, train_dataset=_dataset(rows, "SFT"),
-                                            processing_class=tok, peft_config=peft_config, **plug.kwargs)
+                                            processing_class=tok, peft_config=peft_config, data_collator=collator,
+                                            **plug.kwargs)
+
+
+def padding_free(tc: SupervisedConfig, plug: TrainerPlug | None = None) -> bool:
+    """Whether an SFT-style stage trains padding-free: asked for, and no defense's trainer (which pads)."""
+    return tc.padding_free and (plug is None or plug.trainer_cls is None)
 
 
 def _preference_rows(method: str, tok, cfg: ExperimentConfig):
@@ -216,6 +229,7 @@ def safety_sft(cfg: ExperimentConfig, base: Path, out: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="nlsr-sft-") as work:
         trainer = _sft_trainer(model, tok, pc_rows, tc, cfg, work, peft_config=_fresh_lora(model, cfg))
         result = _run(trainer, len(rows), tc, "safety SFT")
+    result["padding_free"] = padding_free(tc)
     peft_model = trainer.model
     with atomic_dir(out, overwrite=True) as tmp:
         modeling.save_adapter(peft_model, tmp / SFT_ADAPTER, extra={"stage": "safety_sft", "base": str(base)})
@@ -295,6 +309,7 @@ def finetune(cfg: ExperimentConfig, base: Path, adapter: Path | None, mix_file: 
     with tempfile.TemporaryDirectory(prefix="nlsr-finetune-") as work:
         trainer = _sft_trainer(model, tok, pc_rows, cfg.finetune, cfg, work, peft_config=peft_config, plug=plug)
         result = _run(trainer, len(rows), cfg.finetune, "fine-tuning")
+    result["padding_free"] = padding_free(cfg.finetune, plug)
     n_unsafe = sum(r.get("flag") == "unsafe" for r in rows)
     modeling.save_adapter(trainer.model, out, extra={
         "stage": "finetune", "base": str(base), "continued_from": None if adapter is None else str(adapter),

@@ -267,8 +267,11 @@ def test_an_alignment_stage_defense_adds_its_own_steps_and_changes_no_existing_k
     # the field joined the config later: at its default it stays out of the experiment hash (MLflow run identity)
     plain = load_config(SMOKE)
     dump = plain.model_dump(mode="json", exclude={"artifact_root", "tracking"})
-    for section, name in LATE_FIELDS:  # alignment.defenses and every other field that joined later
-        del dump[section][name]
+    for *sections, name in LATE_FIELDS:  # alignment.defenses and every other field that joined later
+        part = dump
+        for section in sections:
+            part = part[section]
+        del part[name]
     assert experiment_hash(plain) == stable_hash(dump) != experiment_hash(cfg)
 
 

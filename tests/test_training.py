@@ -167,6 +167,41 @@ def test_same_seed_same_adapter(w0, tiny_base, tmp_path):
     assert any(not torch.equal(first[k], third[k]) for k in first)
 
 
+def test_a_padding_free_batch_has_the_padded_batch_loss_on_fewer_tokens(embedded_base, mix_file):
+    """finetune.padding_free feeds a batch as one sequence of its rows: on the real SmolLM2 (whose predictions
+    depend on the context, unlike the tiny random model's) the loss is the padded batch's, so each row attends
+    only to itself; with positions running on across rows it would not be."""
+    cfg = load_config(ROOT / "configs" / "default.yaml", ["finetune.padding_free=true"])
+    rows = data.as_prompt_completion(data.read_jsonl(mix_file))
+    model, tok = training._load(embedded_base, cfg)
+    with tempfile.TemporaryDirectory() as work:
+        free = training._sft_trainer(model, tok, rows, cfg.finetune, cfg, work,
+                                     peft_config=training._fresh_lora(model, cfg))
+    examples = [free.train_dataset[i] for i in range(8)]
+    assert len({len(e["input_ids"]) for e in examples}) > 1  # rows of different lengths: padding in the batch
+    with tempfile.TemporaryDirectory() as work:
+        padded = training._sft_trainer(model, tok, rows, smoke().finetune, cfg, work).data_collator(examples)
+    packed = free.data_collator(examples)
+    assert packed["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
+    assert padded["input_ids"].numel() > packed["input_ids"].numel() and "attention_mask" not in packed
+    leaky = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1])[None]}
+    free.model.eval()
+    with torch.no_grad():
+        loss = {name: free.compute_loss(free.model, dict(b)).item() for name, b in
+                (("packed", packed), ("padded", padded), ("leaky", leaky))}
+    assert loss["packed"] == pytest.approx(loss["padded"], rel=1e-5)
+    assert abs(loss["leaky"] - loss["padded"]) > 0.05
+
+
+def test_padding_free_fine_tuning_follows_the_padded_losses(tiny_base, mix_file, tmp_path):
+    a = training.finetune(smoke(), tiny_base, None, mix_file, tmp_path / "padded")
+    b = training.finetune(smoke("finetune.padding_free=true"), tiny_base, None, mix_file, tmp_path / "free")
+    assert (a["padding_free"], b["padding_free"]) == (False, True)
+    torch.testing.assert_close(torch.tensor(b["losses"]), torch.tensor(a["losses"]), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="unknown field 'padding_free' in alignment.preference"):  # trl pads these
+        smoke("alignment.preference.padding_free=true")
+
+
 # ---------------------------------------------------------------------------------------------- bad inputs
 
 def test_unknown_method_fails_clearly(w0, tmp_path):
