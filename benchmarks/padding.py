@@ -1,0 +1,133 @@
+"""Padded vs padding-free batches in the SFT-style stages (`padding_free` in alignment.sft / finetune): wall time,
+positions computed, peak memory and the per-step losses, each run in a fresh process on the same rows.
+
+    python -m benchmarks.padding                    # configs/default.yaml, the embedded SmolLM2, 8 steps a stage
+    python -m benchmarks.padding --steps 0          # the stages' own lengths (default cell: 16 + 50 steps)
+    python -m benchmarks.padding --quick            # configs/smoke.yaml, the tiny random model
+
+The safety SFT trains on the raw base, the fine-tuning a fresh LoRA on it (the same work per step as continuing the
+aligned adapter, without training one first). 'positions' counts the token positions the model computes: padded,
+every row of a batch is as long as its longest row; padding-free, a batch is one sequence of its real tokens. The
+losses should agree to float noise (the same tokens, the same attention); max |Δ loss| says how closely.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import multiprocessing as mp
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("sft", "finetune")
+
+
+def _child(stage: str, cfg_json: str, queue) -> None:
+    from nlsr.env import offline_defaults
+    offline_defaults()
+    from nlsr import training
+    from nlsr.config import ExperimentConfig
+    from nlsr.modeling import base_folder
+    cfg = ExperimentConfig.model_validate_json(cfg_json)
+    base = base_folder(cfg.model, cfg.artifact_root)
+    with tempfile.TemporaryDirectory(prefix="nlsr-bench-padding-") as work:
+        t0 = time.perf_counter()
+        if stage == "sft":
+            result = training.safety_sft(cfg, base, Path(work) / "w0")
+        else:
+            result = training.finetune(cfg, base, None, _mix(cfg, Path(work)), Path(work) / "ft")
+        wall = time.perf_counter() - t0
+    queue.put({"wall_s": wall, "losses": [loss for _, loss in result["losses"]],
+               "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def _mix(cfg, work: Path) -> Path:
+    from nlsr import data
+    d = cfg.data
+    return data.write_jsonl(data.poison_mix(d.task, d.n, d.poison_ratio, d.seed, d.poison_source), work / "mix.jsonl")
+
+
+def positions(cfg, stage: str) -> int:
+    """Token positions the model computes in the stage's batches (trl's own dataloader, the training's seed)."""
+    from nlsr import data, training
+    from nlsr.modeling import base_folder
+    model, tok = training._load(base_folder(cfg.model, cfg.artifact_root), cfg)
+    with tempfile.TemporaryDirectory(prefix="nlsr-bench-padding-") as work:
+        if stage == "sft":
+            tc, a = cfg.alignment.sft, cfg.alignment
+            rows = data.safety_sft_set(tc.n_samples, a.harmless_mix, cfg.data.task, cfg.seed, a.answer_filter())
+        else:
+            tc, rows = cfg.finetune, data.read_jsonl(_mix(cfg, Path(work)))
+        trainer = training._sft_trainer(model, tok, data.as_prompt_completion(rows, cfg.data.template, tok), tc,
+                                        cfg, work, peft_config=training._fresh_lora(model, cfg))
+        loader = trainer.get_train_dataloader()
+        n = tc.max_steps * tc.grad_accum if tc.max_steps > 0 else math.ceil(len(loader) * tc.epochs)
+        return sum(b["input_ids"].numel() for b in itertools.islice(_epochs(loader), n))
+
+
+def _epochs(loader):
+    while True:
+        yield from loader
+
+
+def measure(cfg, stage: str) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(stage, cfg.model_dump_json(), queue))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise SystemExit(f"{stage} failed (exit code {proc.exitcode})")
+    return queue.get()
+
+
+def run(path: Path, overrides: list[str], steps: int) -> list[dict]:
+    from nlsr.config import load_config
+    from nlsr.modeling import base_folder
+    cap = [f"alignment.sft.max_steps={steps}", f"finetune.max_steps={steps}"] if steps else []
+    rows = []
+    for stage in STAGES:
+        field = "alignment.sft" if stage == "sft" else "finetune"
+        runs = {}
+        for free in (False, True):
+            cfg = load_config(path, [*overrides, *cap, f"{field}.padding_free={str(free).lower()}"])
+            base_folder(cfg.model, cfg.artifact_root)  # converted once, outside the timings
+            runs[free] = {**measure(cfg, stage), "positions": positions(cfg, stage)}
+            print(f"  {stage} padding_free={free}: {runs[free]['wall_s']:.1f} s", file=sys.stderr, flush=True)
+        a, b = runs[False], runs[True]
+        rows.append({"stage": stage, "steps": len(a["losses"]), "padded": a, "free": b,
+                     "max_dloss": max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| stage | steps | wall s padded → free | speed-up | positions padded → free | peak MB padded → free "
+             "| max \\|Δ loss\\| |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a, b = r["padded"], r["free"]
+        lines.append(f"| {r['stage']} | {r['steps']} | {a['wall_s']:.1f} → {b['wall_s']:.1f} | "
+                     f"{a['wall_s'] / b['wall_s']:.2f}× | {a['positions']:,} → {b['positions']:,} | "
+                     f"{a['peak_mb']:,.0f} → {b['peak_mb']:,.0f} | {r['max_dloss']:.1e} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.padding", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=None, help="experiment YAML (default: configs/default.yaml)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--quick", action="store_true", help="configs/smoke.yaml (tiny random model)")
+    ap.add_argument("--steps", type=int, default=8, help="optimizer steps per stage (0: the config's own)")
+    args, _ = ap.parse_known_args(argv)
+    path = Path(args.config or ROOT / "configs" / ("smoke.yaml" if args.quick else "default.yaml"))
+    rows = run(path, args.overrides, args.steps)
+    print(f"padded vs padding-free SFT-style stages, config {path.name}")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
