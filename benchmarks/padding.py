@@ -58,12 +58,11 @@ def positions(cfg, stage: str) -> int:
     model, tok = training._load(base_folder(cfg.model, cfg.artifact_root), cfg)
     with tempfile.TemporaryDirectory(prefix="nlsr-bench-padding-") as work:
         if stage == "sft":
-            tc, a = cfg.alignment.sft, cfg.alignment
-            rows = data.safety_sft_set(tc.n_samples, a.harmless_mix, cfg.data.task, cfg.seed, a.answer_filter())
+            tc, rows = cfg.alignment.sft, training.sft_rows(cfg, tok)
         else:
-            tc, rows = cfg.finetune, data.read_jsonl(_mix(cfg, Path(work)))
-        trainer = training._sft_trainer(model, tok, data.as_prompt_completion(rows, cfg.data.template, tok), tc,
-                                        cfg, work, peft_config=training._fresh_lora(model, cfg))
+            tc = cfg.finetune
+            rows = data.as_prompt_completion(data.read_jsonl(_mix(cfg, Path(work))), cfg.data.template, tok)
+        trainer = training._sft_trainer(model, tok, rows, tc, cfg, work, peft_config=training._fresh_lora(model, cfg))
         loader = trainer.get_train_dataloader()
         n = tc.max_steps * tc.grad_accum if tc.max_steps > 0 else math.ceil(len(loader) * tc.epochs)
         return sum(b["input_ids"].numel() for b in itertools.islice(_epochs(loader), n))

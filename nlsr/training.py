@@ -222,13 +222,11 @@ def safety_sft(cfg: ExperimentConfig, base: Path, out: Path) -> dict:
     t0 = time.time()
     tc = cfg.alignment.sft
     model, tok = _load(base, cfg)
-    rows = data.safety_sft_set(tc.n_samples, cfg.alignment.harmless_mix, cfg.data.task, cfg.seed,
-                               cfg.alignment.answer_filter())
-    pc_rows = data.as_prompt_completion(rows, cfg.data.template, tok)
+    pc_rows = sft_rows(cfg, tok)
     modeling.set_seed(cfg.seed)  # the LoRA init draws random numbers
     with tempfile.TemporaryDirectory(prefix="nlsr-sft-") as work:
         trainer = _sft_trainer(model, tok, pc_rows, tc, cfg, work, peft_config=_fresh_lora(model, cfg))
-        result = _run(trainer, len(rows), tc, "safety SFT")
+        result = _run(trainer, len(pc_rows), tc, "safety SFT")
     result["padding_free"] = padding_free(tc)
     peft_model = trainer.model
     with atomic_dir(out, overwrite=True) as tmp:
@@ -238,8 +236,15 @@ def safety_sft(cfg: ExperimentConfig, base: Path, out: Path) -> dict:
         check_finite(dict(merged.named_parameters()), f"merged W0 for {out}")
         merged.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / W0_INFO).write_text(json.dumps({"raw_base": str(base), "n_rows": len(rows)}, indent=2))
-    return {**result, "n_rows": len(rows), "wall_s": round(time.time() - t0, 2)}
+        (tmp / W0_INFO).write_text(json.dumps({"raw_base": str(base), "n_rows": len(pc_rows)}, indent=2))
+    return {**result, "n_rows": len(pc_rows), "wall_s": round(time.time() - t0, 2)}
+
+
+def sft_rows(cfg: ExperimentConfig, tok) -> list[dict]:
+    """The safety SFT's rows as {prompt, completion}: safe answers plus the harmless task mix."""
+    a = cfg.alignment
+    rows = data.safety_sft_set(a.sft.n_samples, a.harmless_mix, cfg.data.task, cfg.seed, a.answer_filter())
+    return data.as_prompt_completion(rows, cfg.data.template, tok)
 
 
 def raw_base_of(w0: Path) -> Path:

@@ -171,7 +171,7 @@ def test_a_padding_free_batch_has_the_padded_batch_loss_on_fewer_tokens(embedded
     """finetune.padding_free feeds a batch as one sequence of its rows: on the real SmolLM2 (whose predictions
     depend on the context, unlike the tiny random model's) the loss is the padded batch's, so each row attends
     only to itself; with positions running on across rows it would not be."""
-    cfg = load_config(ROOT / "configs" / "default.yaml", ["finetune.padding_free=true"])
+    cfg = load_config(ROOT / "configs" / "default.yaml", ["finetune.padding_free=true"])  # the default's value too
     rows = data.as_prompt_completion(data.read_jsonl(mix_file))
     model, tok = training._load(embedded_base, cfg)
     with tempfile.TemporaryDirectory() as work:
@@ -180,7 +180,8 @@ def test_a_padding_free_batch_has_the_padded_batch_loss_on_fewer_tokens(embedded
     examples = [free.train_dataset[i] for i in range(8)]
     assert len({len(e["input_ids"]) for e in examples}) > 1  # rows of different lengths: padding in the batch
     with tempfile.TemporaryDirectory() as work:
-        padded = training._sft_trainer(model, tok, rows, smoke().finetune, cfg, work).data_collator(examples)
+        padded = training._sft_trainer(model, tok, rows, cfg.finetune.model_copy(update={"padding_free": False}), cfg,
+                                       work).data_collator(examples)
     packed = free.data_collator(examples)
     assert packed["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
     assert padded["input_ids"].numel() > packed["input_ids"].numel() and "attention_mask" not in packed
