@@ -1,6 +1,7 @@
 """Speed of the evaluation's generation on the same prompts: decoding to max_new_tokens with left padding (before),
-stopping each row at the Alpaca turn markers, and also computing the prompts' shared opening once (after); the
-cleaned answers must be identical.
+stopping each row at the Alpaca turn markers, also computing the prompts' shared opening once, and also the lean
+decoding of nlsr/generation.py (a preallocated KV cache; on the CPU, few-row products as (W @ x.T).T) (after);
+the cleaned answers must be identical.
 
     python -m benchmarks.evaluation                     # embedded SmolLM2, 32 harmful_dev prompts, ~3-5 min on 2 cores
     python -m benchmarks.evaluation --quick             # the tiny random model (it never writes a marker)
@@ -22,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _answers(model, tok, prompts: list[str], budget: int, batch: int, stop: bool, share: bool) -> dict:
+def _answers(model, tok, prompts: list[str], budget: int, batch: int, stop: bool, share: bool, lean: bool) -> dict:
     """Cleaned answers, wall and CPU seconds, and the positions the model computed (a forward pass over b rows of
     t tokens counts b × t): that count does not depend on what else runs on the machine."""
     from nlsr.evaluation import STOP_MARKERS, clean_answer
@@ -34,7 +35,7 @@ def _answers(model, tok, prompts: list[str], budget: int, batch: int, stop: bool
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         raw = generate(model, tok, prompts, budget, batch, stop_strings=STOP_MARKERS if stop else (),
-                       share_prefix=share)
+                       share_prefix=share, lean_decoding=lean)
     finally:
         hook.remove()
     return {"answers": [clean_answer(a) for a in raw], "wall_s": time.perf_counter() - t0,
@@ -48,13 +49,14 @@ def run(cfg, n: int, batch_sizes: list[int], prompt_set: str, adapter: Path | No
     model, tok = load_for_eval(cfg, base, adapter)
     prompts = [data.format_prompt(r["prompt"], "", cfg.data.template, tok) for r in data.harmful_prompts(prompt_set, n)]
     budget = cfg.evaluation.max_new_tokens
-    _answers(model, tok, prompts[:2], 4, 2, True, True)  # warm-up: first-call allocations, the stop-string tables
-    before = _answers(model, tok, prompts, budget, cfg.evaluation.batch_size, False, False)
+    _answers(model, tok, prompts[:2], 4, 2, True, True, True)  # warm-up: first allocations, the stop-string tables
+    before = _answers(model, tok, prompts, budget, cfg.evaluation.batch_size, False, False, False)
     rows = [{"setting": f"before: to max_new_tokens, batch {cfg.evaluation.batch_size}", **before,
              "identical": len(before["answers"])}]
     for b in batch_sizes:
-        for share, name in ((False, "stop at markers"), (True, "stop at markers, shared prefix once")):
-            after = _answers(model, tok, prompts, budget, b, True, share)
+        for share, lean, name in ((False, False, "stop at markers"), (True, False, "stop at markers, shared prefix once"),
+                                  (True, True, "stop, shared prefix, lean decoding")):
+            after = _answers(model, tok, prompts, budget, b, True, share, lean)
             rows.append({"setting": f"after: {name}, batch {b}", **after,
                          "identical": sum(x == y for x, y in zip(after["answers"], before["answers"]))})
     for r in rows:
