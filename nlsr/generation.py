@@ -105,7 +105,7 @@ def _weight_major(model, on: bool):
         yield
     finally:
         for m in layers:
-            del m.forward
+            vars(m).pop("forward", None)
 
 
 def _weight_major_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
