@@ -67,8 +67,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, bat
             if lean_decoding:
                 extra["cache"] = _batch_cache(model, cache, len(idx), input_ids.shape[1] + max_new_tokens)
             elif cache is not None:
-                extra["cache"] = copy.deepcopy(cache)
-                extra["cache"].batch_repeat_interleave(len(idx))
+                extra["cache"] = _repeated(cache, len(idx))
             out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id, use_cache=True, **extra)
@@ -154,13 +153,18 @@ def _batch_cache(model, prefix: Cache | None, rows: int, capacity: int) -> Cache
     plain layer preallocated for `capacity` positions, holding the shared prefix's keys and values once per row."""
     cache = DynamicCache(config=model.config)
     if prefix is not None and len(cache.layers) != len(prefix.layers):  # a layout the config does not spell out
-        cache = copy.deepcopy(prefix)
-        cache.batch_repeat_interleave(rows)
-        return cache
+        return _repeated(prefix, rows)
     for i, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer:
             cache.layers[i] = layer = _PreallocatedLayer(capacity)
         if prefix is not None:
             src = prefix.layers[i]
             layer.update(src.keys.repeat_interleave(rows, dim=0), src.values.repeat_interleave(rows, dim=0))
+    return cache
+
+
+def _repeated(prefix: Cache, rows: int) -> Cache:
+    """A copy of the shared prefix's cache with its keys and values once per row (transformers' own layers)."""
+    cache = copy.deepcopy(prefix)
+    cache.batch_repeat_interleave(rows)
     return cache
