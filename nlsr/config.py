@@ -103,17 +103,16 @@ class TrainConfig(Strict):
     logging_steps: int = Field(1, ge=1)
     gradient_checkpointing: bool = Field(False, description="recompute activations (saves GPU memory on large "
                                                             "models; costs ~30% time, so off on CPU)")
+    padding_free: bool = Field(
+        False, description="feed each batch as one sequence of its rows, without padding, each row attended on its "
+                           "own (nlsr.packing): the same loss on fewer token positions where row lengths vary. SFT "
+                           "stages use trl's padding-free collator; the preference trainers' padded batches are "
+                           "packed as they enter the decoder. Defenses with their own trainer (lisa, "
+                           "constrained-sft, vaccine) read the padding mask and always pad")
 
 
 class SupervisedConfig(TrainConfig):
-    """An SFT-style stage (safety SFT, fine-tuning, RESTA's unaligning): trl's SFTTrainer on prompt-completion rows.
-    trl's preference trainers pad every batch (1.16 turns DPO's padding_free off), so only these stages have
-    padding_free."""
-    padding_free: bool = Field(
-        False, description="feed each batch as one sequence of its rows, without padding (trl's padding-free "
-                           "collator; attention kept within each row by its position ids): the same loss on ~1/3 "
-                           "fewer tokens where row lengths vary. Defenses with their own trainer (lisa, "
-                           "constrained-sft) read the padding mask and always pad")
+    """An SFT-style stage (safety SFT, fine-tuning, RESTA's unaligning): trl's SFTTrainer on prompt-completion rows."""
 
 
 class PreferenceConfig(TrainConfig):

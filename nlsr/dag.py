@@ -136,8 +136,8 @@ def _realign(cfg, method=None):
 LATE_FIELDS = {("alignment", "defenses"): [], ("alignment", "safety_answers"): "all",
                ("evaluation", "task_split"): "test", ("evaluation", "extra_harmful_limit"): None,
                ("realign", "stack_on"): [],
-               **{(*train, "padding_free"): False for train in (("alignment", "sft"), ("finetune",),
-                                                                ("realign", "unaligned"))}}
+               **{(*train, "padding_free"): False for train in (("alignment", "sft"), ("alignment", "preference"),
+                                                                ("finetune",), ("realign", "unaligned"))}}
 
 
 def drop_late_defaults(dump: dict, section: str | None = None) -> dict:

@@ -9,6 +9,7 @@ and the final trainer metrics. Losses are computed on response tokens only (trl'
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import data, modeling
+from . import data, modeling, packing
 from .atomic import atomic_dir
 from .config import ExperimentConfig, SupervisedConfig, TrainConfig
 from .errors import NLSRError
@@ -108,8 +109,8 @@ def _sft_trainer(model, tok, rows: list[dict], tc: SupervisedConfig, cfg: Experi
                                             **plug.kwargs)
 
 
-def padding_free(tc: SupervisedConfig, plug: TrainerPlug | None = None) -> bool:
-    """Whether an SFT-style stage trains padding-free: asked for, and no defense's trainer (which pads)."""
+def padding_free(tc: TrainConfig, plug: TrainerPlug | None = None) -> bool:
+    """Whether a stage trains padding-free: asked for, and no defense's trainer (which pads)."""
     return tc.padding_free and (plug is None or plug.trainer_cls is None)
 
 
@@ -189,13 +190,17 @@ def _numbers(entry: dict) -> dict:
     return {k: float(v) for k, v in entry.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
-def _run(trainer, n_rows: int, tc: TrainConfig, what: str) -> dict:
-    """Train; return the loss curve as [step, loss] pairs and the last logged metrics."""
+def _run(trainer, n_rows: int, tc: TrainConfig, what: str, pack: bool = False) -> dict:
+    """Train; return the loss curve as [step, loss] pairs and the last logged metrics. Packed sequences (the
+    padding-free SFT collator's, or with `pack` the padded batches packed as they enter the decoder) are attended
+    row by row (nlsr.packing)."""
     if len(trainer.train_dataset) == 0:
         # trl drops rows whose response is truncated away entirely: say why instead of a sampler error
         raise TrainingError(f"{what}: all {n_rows} training rows were dropped, their prompts fill "
                             f"max_length={tc.max_length} tokens; raise max_length")
-    out = trainer.train()
+    with packing.varlen_attention(trainer.model), \
+            (packing.packed_batches(trainer.model) if pack else contextlib.nullcontext()):
+        out = trainer.train()
     logs = trainer.state.log_history
     losses = [[int(e["step"]), float(e["loss"])] for e in logs if "loss" in e and "step" in e]
     last = next((e for e in reversed(logs) if "loss" in e), {})
@@ -277,7 +282,9 @@ def preference_align(cfg: ExperimentConfig, w0: Path, out: Path, plug: TrainerPl
     modeling.set_seed(cfg.seed)
     with tempfile.TemporaryDirectory(prefix=f"nlsr-{method}-") as work:
         trainer = _preference_trainer(method, model, tok, cfg, work, plug)
-        result = _run(trainer, cfg.alignment.preference.n_samples or 0, cfg.alignment.preference, method)
+        pc = cfg.alignment.preference
+        result = _run(trainer, pc.n_samples or 0, pc, method, pack=padding_free(pc, plug))
+    result["padding_free"] = padding_free(pc, plug)
     modeling.save_adapter(trainer.model, out, extra={"stage": "preference_align", "method": method,
                                                      "base": str(w0), **(extra or {})})
     return {**result, "method": method, "base": str(w0), "n_rows": len(trainer.train_dataset),

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nlsr import data, modeling, training
+from nlsr import data, modeling, packing, training
 from nlsr.config import ConfigError, load_config
 from nlsr.registry import UnknownMethod
 
@@ -199,8 +199,29 @@ def test_padding_free_fine_tuning_follows_the_padded_losses(tiny_base, mix_file,
     b = training.finetune(smoke("finetune.padding_free=true"), tiny_base, None, mix_file, tmp_path / "free")
     assert (a["padding_free"], b["padding_free"]) == (False, True)
     torch.testing.assert_close(torch.tensor(b["losses"]), torch.tensor(a["losses"]), rtol=1e-4, atol=1e-5)
-    with pytest.raises(ConfigError, match="unknown field 'padding_free' in alignment.preference"):  # trl pads these
-        smoke("alignment.preference.padding_free=true")
+
+
+@pytest.mark.parametrize("method", ["dpo", "orpo", "kto", "simpo"])
+def test_padding_free_preference_training_follows_the_padded_losses(w0, method, tmp_path, monkeypatch):
+    """alignment.preference.padding_free packs each padded batch as it enters the decoder: every preference
+    method's losses are the padded run's (to float noise) and so is the adapter it trains."""
+    packed_rows = []
+    row_lengths = packing.row_lengths
+    monkeypatch.setattr(packing, "row_lengths", lambda pos: packed_rows.append(row_lengths(pos)) or packed_rows[-1])
+    runs = {}
+    for free in ("false", "true"):
+        runs[free] = training.preference_align(with_method(smoke(f"alignment.preference.padding_free={free}"), method),
+                                               w0[0], tmp_path / f"{method}-{free}")
+        if free == "false":
+            assert packed_rows == []  # padded: no packed sequence reaches the attention
+    assert any(lengths and len(lengths) > 1 for lengths in packed_rows)  # the rows of a batch, attended one by one
+    assert (runs["false"]["padding_free"], runs["true"]["padding_free"]) == (False, True)
+    torch.testing.assert_close(torch.tensor(runs["true"]["losses"]), torch.tensor(runs["false"]["losses"]),
+                               rtol=1e-4, atol=1e-5)
+    padded, packed = (lora_tensors(tmp_path / f"{method}-{free}") for free in ("false", "true"))
+    assert any(not torch.equal(padded[k], torch.zeros_like(padded[k])) for k in padded if "lora_B" in k)
+    for k in padded:
+        torch.testing.assert_close(packed[k], padded[k], rtol=1e-3, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
