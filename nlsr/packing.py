@@ -27,14 +27,11 @@ VARLEN = "nlsr_sdpa_varlen"
 
 
 def row_lengths(position_ids: torch.Tensor) -> list[int] | None:
-    """The lengths of the rows packed in a one-row `position_ids` (a new row starts wherever the position does not
-    step by one), or None when it holds a single row."""
-    pos = position_ids.reshape(-1)
-    starts = torch.nonzero(pos[1:] != pos[:-1] + 1).reshape(-1) + 1
-    if starts.numel() == 0:
-        return None
-    bounds = [0, *starts.tolist(), pos.numel()]
-    return [b - a for a, b in zip(bounds, bounds[1:])]
+    """The lengths of the rows packed in a one-row `position_ids` (transformers' own rule: a new row starts wherever
+    the position does not step by one), or None when it holds a single row."""
+    from transformers.masking_utils import find_packed_sequence_indices
+    rows = find_packed_sequence_indices(position_ids.reshape(1, -1))
+    return None if rows is None else torch.bincount(rows[0]).tolist()
 
 
 def varlen_sdpa(module, query, key, value, attention_mask, position_ids=None, **kwargs):
