@@ -3,10 +3,10 @@ the model's own chat format, trained on the run-time train split (+ optionally a
 and measured on the run-time **dev** split after every epoch. The judge card's next step after the MiniLM
 cross-encoder tied the shipped classifier (nlsr/judge_card.md); this script says whether a model that reads meaning
 does better. Cost: on the shared 2-core CPU (busy with a grid) one training row took ≈ 4 s and one dev answer
-≈ 1.2 s, i.e. ≈ 90 min per epoch over 1,334 rows: a GPU job (`--device cuda`: minutes), not a CPU one. The CPU-sized
-variant `"frozen_layers": 22` (LoRA on the top 8 of 30 layers, the lower 22 run once per row and cached) took, on
-the idle 2-core CPU, 272-382 s to cache 1,334 rows and 313-448 s per epoch; its dev results are in the judge card
-("SmolLM2 + LoRA"). The lent GPU machine
+≈ 1.2 s, i.e. ≈ 90 min per epoch over 1,334 rows. The CPU-sized variant `"frozen_layers": 22` (LoRA on the top
+8 of 30 layers, the lower 22 run once per row and cached) took, on that idle 2-core CPU, 272-382 s to cache 1,334
+rows and 313-448 s per epoch. On a 2-core CPU with AVX-512/AMX and `"autocast": true` the full model took 338-403 s
+per epoch. Both results are in the judge card ("SmolLM2 + LoRA"). The lent GPU machine
 has torch, transformers, peft and scikit-learn but no network, and a call carries at most 64 MiB: the model
 (98 MB as the package's Q4_1 GGUF, 270 MB in fp16) has to travel in parts over calls to one warm machine.
 
@@ -61,6 +61,7 @@ RECIPE = {
     # "separate" clips LoRA's and the head's gradients each to norm 1.
     "standardize": False,
     "clip": "joint",
+    "autocast": False,
 }
 
 
@@ -149,8 +150,15 @@ class LoraJudge:
         h = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return h[torch.arange(len(batch)), mask.sum(1) - 1]
 
+    def head_input(self, batch: list):
+        """`states` in float32. "autocast": the model's products in bfloat16 (fast where the hardware has it: a GPU,
+        a CPU with AMX), the head and the loss in float32 (the state varies by ~1-4 per dimension around a norm of ~46)."""
+        import torch
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.recipe.get("autocast"))):
+            return self.states(batch).float()
+
     def logits(self, batch: list):
-        state = self.states(batch)
+        state = self.head_input(batch)
         return self.head((state - self.shift.to(state.device)) / self.scale.to(state.device)).squeeze(-1)
 
     def fit_standardizer(self, rows: list, batch_size: int = 32) -> None:
@@ -158,7 +166,7 @@ class LoraJudge:
         import torch
         self.model.eval()
         with torch.no_grad():
-            states = torch.cat([self.states(rows[lo:lo + batch_size]) for lo in range(0, len(rows), batch_size)])
+            states = torch.cat([self.head_input(rows[lo:lo + batch_size]) for lo in range(0, len(rows), batch_size)])
         self.shift, self.scale = states.mean(0), states.std(0).clamp_min(1e-3)
 
     def probabilities(self, ids: list, batch_size: int = 32) -> np.ndarray:
