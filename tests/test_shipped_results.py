@@ -13,7 +13,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 # folder -> variants it must hold (a shipped table that lost its defenses or its realigned rows is caught) and the
 # `nlsr report --compare` and `--pivot` it was made with
-SHIPPED = {"diagnose-orpo": ({"aligned", "finetuned", "realigned", "restore-modules"}, {}, {}),
+SHIPPED = {"default-seeds": ({"aligned", "finetuned", "realigned", "restore-modules"}, {}, {}),
+           "table5-scorers": ({"aligned", "finetuned", "realigned"}, {"scoring.method": "lowrank"},
+                              {"scoring.method": ["lowrank", "wanda", "snip", "random"]}),
+           "diagnose-orpo": ({"aligned", "finetuned", "realigned", "restore-modules"}, {}, {}),
            "diagnose-orpo-density": ({"aligned", "finetuned", "realigned", "restore-modules"}, {}, {}),
            "default-seeds-on-quick": ({"aligned", "finetuned", "realigned"}, {}, {}),
            "tune-quick": ({"aligned", "finetuned", "realigned"}, {}, {"finetune.learning_rate": None}),
