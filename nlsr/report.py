@@ -493,9 +493,11 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
         if front:
             ax.step([r["harmful_score"] for r in front], [r["task_accuracy"] for r in front], where="post",
                     color="black", linewidth=1, linestyle="--", label="Pareto front")
-            for r in front if not knobs else ():  # with knob labels the colour alone says the variant: no overlap
-                ax.annotate(r["variant"], (r["harmful_score"], r["task_accuracy"]), fontsize=7,
-                            xytext=(4, 4), textcoords="offset points")
+        # with knob labels the colour alone says the variant; otherwise the front's points are named, and so is
+        # any other place where one variant hides another
+        named = {} if knobs else {(r["harmful_score"], r["task_accuracy"]): place_label(r, mine)
+                                  for r in front + [r for r in mine if " = " in place_label(r, mine)]}
+        labels += [(ax, text, at, "black") for at, text in named.items()]
         ax.set_title(str(task) + (f" (point labels: {', '.join(knobs)})" if knobs else ""), fontsize=10)
         ax.set_xlabel("harmful score (lower is better)")
         ax.set_ylabel("task accuracy (higher is better)")
@@ -594,6 +596,14 @@ def _coincident(points: list[dict]) -> list[list[dict]]:
     for r in points:
         groups.setdefault((r["variant"], r["harmful_score"], r["task_accuracy"]), []).append(r)
     return list(groups.values())
+
+
+def place_label(point: dict, points: list[dict]) -> str:
+    """The variants at `point`'s place, joined by ' = ': a defense that changed nothing (SafeLoRA projecting no
+    module) is drawn exactly over the fine-tuned model, and the label says so instead of naming only one of them."""
+    at = (point["harmful_score"], point["task_accuracy"])
+    same = {r["variant"] for r in points if (r["harmful_score"], r["task_accuracy"]) == at} | {point["variant"]}
+    return " = ".join(sorted(same, key=variant_rank))
 
 
 def _knob_label(same: list[dict], knobs: list[str]) -> str:

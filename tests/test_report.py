@@ -402,6 +402,15 @@ def test_coincident_points_get_one_label_without_the_knob_that_does_not_move_the
     assert labels == {"aligned18.0": "orpo", "realigned40.0": "0.3, orpo", "realigned45.0": "0.5, orpo"}
 
 
+def test_a_defense_that_changed_nothing_is_labelled_with_the_model_it_covers():
+    """SafeLoRA projecting no module is the fine-tuned model again: drawn over it, its label names both."""
+    rows = [{"variant": v, "harmful_score": hs, "task_accuracy": acc}
+            for v, hs, acc in (("aligned", 30.0, 54.0), ("finetuned", 44.3, 82.7), ("safelora", 44.3, 82.7),
+                               ("realigned", 34.6, 80.0))]
+    assert report.place_label(rows[2], rows) == report.place_label(rows[1], rows) == "finetuned = safelora"
+    assert report.place_label(rows[3], rows) == "realigned"
+
+
 def test_nearby_labels_are_moved_apart_and_distant_ones_stay():
     """Four P_L labels of points at one place (ORPO's fine-tuned model realigned by P_SR 0.8 at every P_L) would
     print on top of each other: each goes below the last; a label far away keeps its place."""
