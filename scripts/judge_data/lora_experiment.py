@@ -5,7 +5,7 @@ cross-encoder tied the shipped classifier (nlsr/judge_card.md); this script says
 does better. Cost: on the shared 2-core CPU (busy with a grid) one training row took ≈ 4 s and one dev answer
 ≈ 1.2 s, i.e. ≈ 90 min per epoch over 1,334 rows. The CPU-sized variant `"frozen_layers": 22` (LoRA on the top
 8 of 30 layers, the lower 22 run once per row and cached) took, on that idle 2-core CPU, 272-382 s to cache 1,334
-rows and 313-448 s per epoch. On a 2-core CPU with AVX-512/AMX and `"autocast": true` the full model took 338-403 s
+rows and 313-448 s per epoch. On a 2-core CPU with AVX-512/AMX and `"autocast": true` the full model took 338-405 s
 per epoch. Both results are in the judge card ("SmolLM2 + LoRA"). The lent GPU machine
 has torch, transformers, peft and scikit-learn but no network, and a call carries at most 64 MiB: the model
 (98 MB as the package's Q4_1 GGUF, 270 MB in fp16) has to travel in parts over calls to one warm machine.
