@@ -11,8 +11,8 @@ Two pieces, used only while a trainer trains (`training._run`):
   each of its rows) is attended row by row with causal SDPA, the way flash-attention's varlen kernels do on a GPU.
   Anything else (padded batches, generation with a cache) goes to transformers' own SDPA unchanged.
 - `packed_batches(model)`: while it is active, a right-padded batch entering the decoder without a cache (a
-  training forward) is packed into one sequence of its real tokens (positions restart per row), and the decoder's output is scattered back to the padded
-  layout, so the trainer's loss code sees the shapes it built. A row attends to what it attends to in the padded
+  training forward) is packed into one sequence of its real tokens (positions restart per row), and the decoder's
+  output is scattered back to the padded layout, so the trainer's loss code sees the shapes it built. A row attends to what it attends to in the padded
   batch and its pad positions (masked out of every loss) come back as zero vectors.
 
 Both compute the same function as the padded batch; only float rounding differs (hidden states ~1e-5 apart).
@@ -90,8 +90,9 @@ def packed_batches(model):
     def pack(module, args, kwargs):
         ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         # a training forward: the trainers ask for no cache (generation does, and keeps its padded batch)
-        plain = (not args and ids is not None and mask is not None and mask.dim() == 2 and kwargs.get("use_cache") is False
-                 and kwargs.get("position_ids") is None and kwargs.get("past_key_values") is None)
+        plain = (not args and ids is not None and mask is not None and mask.dim() == 2
+                 and kwargs.get("use_cache") is False and kwargs.get("position_ids") is None
+                 and kwargs.get("past_key_values") is None)
         if not plain or bool(mask.all()) or not _right_padded(mask):
             pending.append(None)
             return None

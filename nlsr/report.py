@@ -495,9 +495,10 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
                     color="black", linewidth=1, linestyle="--", label="Pareto front")
         # with knob labels the colour alone says the variant; otherwise the front's points are named, and so is
         # any other place where one variant hides another
-        named = {} if knobs else {(r["harmful_score"], r["task_accuracy"]): place_label(r, mine)
-                                  for r in front + [r for r in mine if " = " in place_label(r, mine)]}
-        labels += [(ax, text, at, "black") for at, text in named.items()]
+        if not knobs:
+            texts = {(r["harmful_score"], r["task_accuracy"]): place_label(r, mine) for r in mine}
+            on_front = {(r["harmful_score"], r["task_accuracy"]) for r in front}
+            labels += [(ax, text, at, "black") for at, text in texts.items() if at in on_front or " = " in text]
         ax.set_title(str(task) + (f" (point labels: {', '.join(knobs)})" if knobs else ""), fontsize=10)
         ax.set_xlabel("harmful score (lower is better)")
         ax.set_ylabel("task accuracy (higher is better)")

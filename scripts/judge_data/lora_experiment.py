@@ -152,7 +152,8 @@ class LoraJudge:
 
     def head_input(self, batch: list):
         """`states` in float32. "autocast": the model's products in bfloat16 (fast where the hardware has it: a GPU,
-        a CPU with AMX), the head and the loss in float32 (the state varies by ~1-4 per dimension around a norm of ~46)."""
+        a CPU with AMX), the head and the loss in float32 (the state varies by ~1-4 per dimension around a norm
+        of ~46)."""
         import torch
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.recipe.get("autocast"))):
             return self.states(batch).float()
