@@ -58,6 +58,10 @@ def add_commands(sub) -> None:
                         "results.csv, verdicts included) instead of a store: parts of one grid run on machines "
                         "that share no store merge into one table; a cell in several files: the last one wins "
                         "(repeatable)")
+    r.add_argument("--labels", default=None, metavar="FILE",
+                   help="score harmfulness by these labels made by reading the evaluations' answers (JSON lines: "
+                        "eval_key, index, label; nlsr/reading.py) instead of by the judge, and add a table of how "
+                        "far the judge was off per variant")
     r.set_defaults(func=_report)
 
     d = sub.add_parser("deploy", help="register the cell flow with a Prefect server for a work pool")
@@ -219,6 +223,17 @@ def _report(args) -> int:
         print(f"nlsr report: no finished cells under {args.root}"
               + (f" in experiment {args.experiment!r}" if args.experiment else ""), file=sys.stderr)
         return 1
+    appendix, title = "", args.experiment
+    if args.labels:
+        from nlsr import reading
+        try:
+            labels = reading.load_labels(args.labels)
+            appendix = reading.appendix(rows, labels, args.labels)
+            rows = reading.relabel(rows, labels)
+            title = f"{args.experiment}: harmful scores by reading" if args.experiment else "Harmful scores by reading"
+        except reading.LabelsError as e:
+            print(f"nlsr report: --labels {e}", file=sys.stderr)
+            return 2
     name = "rows" if args.rows else (args.experiment or "all").replace("/", "-")
     differ = disagreements(rows)
     if differ:
@@ -253,8 +268,9 @@ def _report(args) -> int:
             print(f"nlsr report: --{e}", file=sys.stderr)
             return 2
         pivots[axis] = values
-    paths = report.write_results(rows, out, title=args.experiment, compare=compare, pivots=pivots)
-    print(report.text_report(rows, compare, pivots))
+    paths = report.write_results(rows, out, title=title, compare=compare, pivots=pivots,
+                                 appendix=appendix)
+    print(report.text_report(rows, compare, pivots) + ("\n" + appendix if appendix else ""))
     print(f"{len(rows)} rows; tables: {paths['rows']}, {paths['summary']}, {paths['paired']}, {paths['markdown']}; "
           f"plot: {paths['plot']}")
     return 0

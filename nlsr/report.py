@@ -633,19 +633,19 @@ def _text(rows: list[dict], summary: list[dict], pairs: list[dict], compare: dic
 
 
 def write_results(rows: list[dict], out_dir: str | Path, title: str | None = None,
-                  compare: dict | None = None, pivots: dict | None = None) -> dict[str, Path]:
+                  compare: dict | None = None, pivots: dict | None = None, appendix: str = "") -> dict[str, Path]:
     """results.csv (every row), rows.jsonl (every row with its per-prompt verdicts: everything else here can be
     rebuilt from it, `nlsr report --rows`), summary.csv (seed-averaged), paired.csv (paired differences),
     across-<axis>.csv per `compare` axis (paired differences between grid points), pivot-<axis>.csv per `pivots`
     axis (the paper's layout), results.md (summary, pivot and paired tables) and pareto.png (the summary, with
-    intervals) in `out_dir`."""
+    intervals) in `out_dir`; `appendix` (Markdown) ends results.md."""
     with atomic_files(out_dir) as tmp:  # a failure half-way leaves the folder as it was
-        names = _write_results(rows, tmp, title, compare, pivots)
+        names = _write_results(rows, tmp, title, compare, pivots, appendix)
     return {key: Path(out_dir) / name for key, name in names.items()}
 
 
 def _write_results(rows: list[dict], out_dir: Path, title: str | None, compare: dict | None,
-                   pivots: dict | None) -> dict[str, str]:
+                   pivots: dict | None, appendix: str = "") -> dict[str, str]:
     axes = grouping(rows)
     rows = sorted(rows, key=lambda r: _sort_key(r, axes))
     summary, pairs = summarize(rows), paired(rows)
@@ -664,5 +664,6 @@ def _write_results(rows: list[dict], out_dir: Path, title: str | None, compare: 
     for axis, order in (pivots or {}).items():
         table = pivot(summary, axis, order, pairs)
         paths[f"pivot-{axis}"] = write_csv(table, out_dir / f"pivot-{axis}.csv")
-    paths["markdown"].write_text((f"# {title}\n\n" if title else "") + _text(rows, summary, pairs, compare, pivots))
+    paths["markdown"].write_text((f"# {title}\n\n" if title else "") + _text(rows, summary, pairs, compare, pivots)
+                                 + (f"\n{appendix}" if appendix else ""))
     return {key: Path(p).name for key, p in paths.items()}

@@ -80,3 +80,44 @@ def test_validate_reports_every_answer_style():
     assert set(res["by_variant"]) == variants and len(variants) >= 10
     # the keyword judge flags every non-refusal: on the run-time answers it is far from good
     assert res["recall_harmful"] > 0.9 and res["recall_safe"] < 0.5
+
+
+def test_every_round_ships_and_pairs_are_not_labelled_twice(pairs):
+    from nlsr.judges.validation import RUNTIME_ROUNDS
+    assert {r["round"] for r in pairs} == set(RUNTIME_ROUNDS)
+    stats = json.loads((RUNTIME_DIR / "stats.json").read_text())
+    for n in RUNTIME_ROUNDS:
+        mine = runtime_pairs(rounds=[n])
+        assert stats["by_round"][str(n)]["pairs"] == len(mine) and len(mine) > 500
+    # ids are sha1(prompt, answer): a pair in two rounds would repeat its id (checked unique above)
+    assert len({(r["prompt"], r["answer"]) for r in pairs}) == len(pairs)
+
+
+def test_unknown_round_or_split_is_refused():
+    from nlsr.judges import JudgeError
+    with pytest.raises(JudgeError, match="unknown labelling round 9; expected one of"):
+        runtime_pairs(rounds=[9])
+    with pytest.raises(JudgeError, match="unknown split 'val'"):
+        runtime_pairs("val")
+
+
+def test_the_shipped_recipe_hashes_only_the_rounds_it_trains_on(tmp_path, monkeypatch):
+    """Adding a labelling round must not change the default judge's identity (and so every evaluation key)."""
+    from nlsr.judges import classifier, validation
+    assert classifier.RUNTIME_TRAIN_ROUNDS == (1,)
+    before = classifier.recipe_hash()
+    changed = tmp_path / "pairs-round2.jsonl"
+    changed.write_text(validation.RUNTIME_ROUNDS[2].read_text() + "\n")
+    monkeypatch.setitem(validation.RUNTIME_ROUNDS, 2, changed)
+    assert classifier.recipe_hash() == before
+    round1 = tmp_path / "pairs.jsonl"
+    round1.write_text(validation.RUNTIME_ROUNDS[1].read_text() + "\n")
+    monkeypatch.setitem(validation.RUNTIME_ROUNDS, 1, round1)
+    assert classifier.recipe_hash() != before
+
+
+def test_validate_reports_each_round():
+    res = validate(get_judge("keyword"), "dev")
+    assert set(res["by_round"]) == {"1", "2"}
+    assert sum(m["n"] for m in res["by_round"].values()) == res["n"]
+    assert validate(get_judge("keyword"), "dev", rounds=[2])["n"] == len(runtime_pairs("dev", rounds=[2]))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from flows.results import file_rows
-from nlsr import report
+from nlsr import reading, report
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
@@ -24,6 +24,8 @@ SHIPPED = {"default-seeds": ({"aligned", "finetuned", "realigned", "restore-modu
            "table1-poison-ratio": ({"aligned", "finetuned", "realigned"}, {}, {"data.poison_ratio": None}),
            "table2-alignment": ({"aligned", "finetuned", "realigned"}, {"alignment.method": "dpo"},
                                 {"alignment.method": ["sft", "dpo", "orpo", "kto", "simpo"]})}
+# folder -> the shipped folder whose rows it re-scores by the read labels in that folder's reading.jsonl
+BY_READING = {"default-seeds-by-reading": "default-seeds"}
 
 
 def _table(markdown: str) -> list[str]:
@@ -31,7 +33,7 @@ def _table(markdown: str) -> list[str]:
 
 
 def test_every_folder_with_rows_is_checked():
-    assert {p.parent.name for p in RESULTS.glob("*/rows.jsonl")} == set(SHIPPED)
+    assert {p.parent.name for p in RESULTS.glob("*/rows.jsonl")} == set(SHIPPED) | set(BY_READING)
 
 
 @pytest.mark.parametrize("folder", sorted(SHIPPED))
@@ -49,3 +51,22 @@ def test_shipped_results_are_the_report_of_their_rows(folder, tmp_path):
     for axis, order in pivots.items():  # the paper-layout table, quoted whole
         glance = report.pivot_markdown(report.pivot(summary, axis, order, report.paired(rows)))
         assert glance in shipped and glance in readme
+
+
+@pytest.mark.parametrize("folder", sorted(BY_READING))
+def test_results_by_reading_are_the_report_of_the_read_labels(folder, tmp_path):
+    """`nlsr report --rows <source>/rows.jsonl --labels <source>/reading.jsonl --out <folder>`, run from the
+    repository root, made the shipped folder; the README quotes its table and the judge-against-reading table."""
+    source = BY_READING[folder]
+    rows = file_rows([RESULTS / source / "rows.jsonl"])
+    labels_file = f"docs/results/{source}/reading.jsonl"
+    labels = reading.load_labels(ROOT / labels_file)
+    assert set(labels) == {r["eval_key"] for r in rows}  # every evaluation of the table was read
+    appendix = reading.appendix(rows, labels, labels_file)
+    again = report.write_results(reading.relabel(rows, labels), tmp_path, title="Harmful scores by reading",
+                                 appendix=appendix)
+    shipped = (RESULTS / folder / "results.md").read_text()
+    assert again["markdown"].read_text() == shipped
+    readme = (ROOT / "README.md").read_text()
+    judge_rows = [line for line in appendix.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    assert len(judge_rows) == 4 and all(line in readme for line in _table(shipped) + judge_rows)

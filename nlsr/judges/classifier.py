@@ -38,6 +38,10 @@ RECIPE = {
     "data": ["safe[SAFE_SFT]", "pairs", "unsafe_overlap", "beavertails", "pure_bad", "runtime[train]"],
     "runtime_weight": 4.0,
 }
+# The labelling rounds of the run-time answers that "runtime[train]" means. Not in RECIPE, so that recipe 2's hash
+# (and so the identity of every evaluation made with it) stayed as it was when round 2 was added; a new recipe
+# version that trains on more rounds records them in RECIPE.
+RUNTIME_TRAIN_ROUNDS = (1,)
 SHIPPED_DIR = Path(__file__).parent.parent / "judge_data"
 MODEL_FILE = "classifier.npz"
 RECIPE_FILE = "classifier.json"
@@ -47,9 +51,12 @@ def recipe_hash() -> str:
     """Hash of the recipe and of the training files' checksums: changed data or recipe -> retrain."""
     from .. import data
     from ..config import stable_hash
-    from .validation import RUNTIME_FILE
+    from .validation import RUNTIME_ROUNDS
     files = {name: data._checksums()[data.SAFETY_FILES[name]] for name in TRAIN_SETS}
-    files["runtime"] = hashlib.sha256(RUNTIME_FILE.read_bytes()).hexdigest() if RUNTIME_FILE.is_file() else None
+    for n in RUNTIME_TRAIN_ROUNDS:
+        path = RUNTIME_ROUNDS[n]
+        files["runtime" if n == 1 else f"runtime-{n}"] = hashlib.sha256(path.read_bytes()).hexdigest() \
+            if path.is_file() else None
     return stable_hash({"recipe": RECIPE, "files": files})
 
 
@@ -151,7 +158,7 @@ def train_classifier(device: str = "cpu") -> ClassifierModel:
     from sklearn.linear_model import LogisticRegression
     from .validation import runtime_rows
     prompts, answers, labels = training_rows()
-    rt_prompts, rt_answers, rt_labels = runtime_rows("train")
+    rt_prompts, rt_answers, rt_labels = runtime_rows("train", RUNTIME_TRAIN_ROUNDS)
     weights = np.r_[np.ones(len(labels)), np.full(len(rt_labels), RECIPE["runtime_weight"])]
     prompts, answers, labels = prompts + rt_prompts, answers + rt_answers, labels + rt_labels
     word, char = _vectorizer(RECIPE["word_tfidf"]).fit(answers), _vectorizer(RECIPE["char_tfidf"]).fit(answers)

@@ -1,14 +1,14 @@
 """Measuring a judge against answers labelled by reading: how far to trust the harmful scores it produces.
 
 Two labelled sets:
-- **run-time** (`nlsr/judge_data/runtime/pairs.jsonl`): the pipeline's own SmolLM2 answers, labelled twice by
-  reading against `RUBRIC.md` (see its README); split by prompt into train / dev / test. Thresholds and recipes are
-  chosen on `dev`; `test` is what the judge card reports.
+- **run-time** (`nlsr/judge_data/runtime/pairs*.jsonl`, one file per labelling round): the pipeline's own SmolLM2
+  answers, labelled twice by reading against `RUBRIC.md` (see its README); split by prompt into train / dev / test.
+  Thresholds and recipes are chosen on `dev`; `test` is what the judge card reports.
 - **BeaverTails held-out** (`classifier.heldout_rows`): harmful_eval's long answers (harmful) + the held-out safe
   answers, the split the first judge card used.
 
-Harmful is the positive class everywhere. `python -m nlsr.judges.validation --judge NAME [--split test]` prints
-the card's table for any registered judge.
+Harmful is the positive class everywhere. `python -m nlsr.judges.validation --judge NAME [--split test] [--round N]`
+prints the card's table for any registered judge.
 """
 from __future__ import annotations
 
@@ -20,24 +20,37 @@ from pathlib import Path
 import numpy as np
 
 RUNTIME_DIR = Path(__file__).parent.parent / "judge_data" / "runtime"
-RUNTIME_FILE = RUNTIME_DIR / "pairs.jsonl"
+# One file per labelling round, so that adding a round leaves the earlier files (and the hash of every judge
+# recipe trained on them) byte for byte as they were. Round 1: answers of the advice-aligned cell (the default
+# until 2026-12-03, configs/advice-aligned.yaml); round 2: answers of the refusal-aligned default cell.
+RUNTIME_ROUNDS = {1: RUNTIME_DIR / "pairs.jsonl", 2: RUNTIME_DIR / "pairs-round2.jsonl"}
+RUNTIME_FILE = RUNTIME_ROUNDS[1]
 SPLITS = ("train", "dev", "test")
 
 
-def runtime_pairs(split: str | None = None) -> list[dict]:
-    """The labelled run-time pairs (one split, or all)."""
+def runtime_pairs(split: str | None = None, rounds=None) -> list[dict]:
+    """The labelled run-time pairs (one split, or all) of the given labelling rounds (default: every round), each
+    row with its `round`."""
     from .registry import JudgeError
     if split is not None and split not in SPLITS:
         raise JudgeError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
-    if not RUNTIME_FILE.is_file():
-        raise JudgeError(f"{RUNTIME_FILE} is missing: the labelled run-time answers ship with the package")
-    rows = [json.loads(line) for line in RUNTIME_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rounds = sorted(RUNTIME_ROUNDS) if rounds is None else list(rounds)
+    unknown = [n for n in rounds if n not in RUNTIME_ROUNDS]
+    if unknown:
+        raise JudgeError(f"unknown labelling round {unknown[0]!r}; expected one of {sorted(RUNTIME_ROUNDS)}")
+    rows = []
+    for n in rounds:
+        path = RUNTIME_ROUNDS[n]
+        if not path.is_file():
+            raise JudgeError(f"{path} is missing: the labelled run-time answers ship with the package")
+        rows += [{**json.loads(line), "round": n} for line in path.read_text(encoding="utf-8").splitlines()
+                 if line.strip()]
     return [r for r in rows if split is None or r["split"] == split]
 
 
-def runtime_rows(split: str) -> tuple[list[str], list[str], list[int]]:
-    """(prompts, answers, labels 1 = harmful) of one split of the run-time set."""
-    rows = runtime_pairs(split)
+def runtime_rows(split: str, rounds=None) -> tuple[list[str], list[str], list[int]]:
+    """(prompts, answers, labels 1 = harmful) of one split of the run-time set (the given rounds, default all)."""
+    rows = runtime_pairs(split, rounds)
     return [r["prompt"] for r in rows], [r["answer"] for r in rows], [int(r["harmful"]) for r in rows]
 
 
@@ -65,16 +78,21 @@ def predict(judge, prompts: list[str], answers: list[str]):
     return list(judge(prompts, answers)), None
 
 
-def validate(judge, split: str = "test") -> dict:
-    """The judge on one run-time split: overall, per answer style (model variant), and the cost per 128 answers."""
-    rows = runtime_pairs(split)
+def validate(judge, split: str = "test", rounds=None) -> dict:
+    """The judge on one run-time split (of the given labelling rounds, default all): overall, per labelling round,
+    per answer style (model variant), and the cost per 128 answers."""
+    rows = runtime_pairs(split, rounds)
     prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
     start = time.perf_counter()
     verdicts, probs = predict(judge, prompts, answers)
     seconds = time.perf_counter() - start
     labels = [r["harmful"] for r in rows]
     out = {"split": split, **judge_metrics(labels, verdicts, probs),
-           "seconds_per_128": round(128 * seconds / max(len(rows), 1), 2), "by_variant": {}}
+           "seconds_per_128": round(128 * seconds / max(len(rows), 1), 2), "by_round": {}, "by_variant": {}}
+    for n in sorted({r["round"] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r["round"] == n]
+        out["by_round"][str(n)] = judge_metrics([labels[i] for i in idx], [verdicts[i] for i in idx],
+                                                None if probs is None else [probs[i] for i in idx])
     for variant in sorted({v for r in rows for v in r["variants"]}):
         idx = [i for i, r in enumerate(rows) if variant in r["variants"]]
         out["by_variant"][variant] = judge_metrics([labels[i] for i in idx], [verdicts[i] for i in idx])
@@ -88,11 +106,13 @@ def main(argv=None) -> None:
     ap.add_argument("--judge", default="classifier")
     ap.add_argument("--judge-path", default=None)
     ap.add_argument("--split", default="test", choices=SPLITS)
+    ap.add_argument("--round", type=int, action="append", dest="rounds", default=None,
+                    help="labelling round to measure on (repeatable; default: every round)")
     ap.add_argument("--heldout", action="store_true", help="also the BeaverTails held-out split")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     judge = get_judge(args.judge, path=args.judge_path, device=args.device)
-    result = {"judge": args.judge, "runtime": validate(judge, args.split)}
+    result = {"judge": args.judge, "runtime": validate(judge, args.split, args.rounds)}
     if args.heldout:
         p, a, y = heldout_rows()
         v, pr = predict(judge, p, a)

@@ -179,7 +179,7 @@ class CrossEncoderModel:
 
 def training_data(recipe: dict) -> tuple[list[str], list[str], list[int], list[float]]:
     """(prompts, answers, labels, weights): run-time train split + a balanced BeaverTails/PKU sample."""
-    from nlsr.judges.classifier import training_rows
+    from nlsr.judges.classifier import RUNTIME_TRAIN_ROUNDS, training_rows
     from nlsr.judges.validation import runtime_rows
     prompts, answers, labels = training_rows()
     rng = np.random.default_rng(recipe["seed"])
@@ -187,7 +187,7 @@ def training_data(recipe: dict) -> tuple[list[str], list[str], list[int], list[f
     k = recipe["beavertails_per_class"]
     pick = np.sort(np.r_[rng.choice(np.flatnonzero(y == 1), k, replace=False),
                          rng.choice(np.flatnonzero(y == 0), k, replace=False)])
-    rp, ra, rl = runtime_rows("train")
+    rp, ra, rl = runtime_rows("train", RUNTIME_TRAIN_ROUNDS)  # the labelling rounds the shipped recipe used
     return ([prompts[i] for i in pick] + rp, [answers[i] for i in pick] + ra,
             [labels[i] for i in pick] + rl, [1.0] * len(pick) + [recipe["runtime_weight"]] * len(rl))
 
@@ -297,8 +297,9 @@ class DevSplit:
 
     def __init__(self, max_length: int):
         from nlsr.judges.rules import is_degenerate, is_refusal
+        from nlsr.judges.classifier import RUNTIME_TRAIN_ROUNDS
         from nlsr.judges.validation import runtime_rows
-        self.prompts, self.answers, self.labels = runtime_rows("dev")
+        self.prompts, self.answers, self.labels = runtime_rows("dev", RUNTIME_TRAIN_ROUNDS)
         self.rule = np.array([is_refusal(a) or is_degenerate(a, p) for p, a in zip(self.prompts, self.answers)])
         self.ids = _encode(self.prompts, self.answers, max_length)
         self.lower: dict = {}

@@ -8,7 +8,13 @@ validated on exactly that kind of answer. The labels are NOT made here: each ans
 
 Run (the default cell must have run into the same artifact root first: `nlsr run configs/default.yaml`):
 
-    python scripts/judge_data/runtime_answers.py --root runs --out answers.jsonl [--only raw,w0,...]
+    python scripts/judge_data/runtime_answers.py --root runs --out answers/ [--only raw,w0,...]
+
+Round 1 (1,541 pairs) answered with the cell of configs/advice-aligned.yaml (then the default). Round 2 answered
+with the refusal-aligned default cell, on other prompt draws, with fewer answers per variant:
+
+    python scripts/judge_data/runtime_answers.py --root runs --out answers-r2/ --tag refusals --seed-offset 2000 \
+        --scale 0.6
 
 The model variants: the default cell's own models (raw base, W0, aligned DPO, the safety reference, fine-tuned,
 NLSR-realigned, restore-modules), extra models trained here with the pipeline's own training code (ORPO
@@ -172,13 +178,14 @@ def variants(paths: dict[str, Path], extra: dict[str, Path]) -> list[dict]:
     return [dict(zip(("variant", "model", "base", "adapter", "max_new_tokens", "n"), x)) for x in v]
 
 
-def answer_variant(cfg, spec: dict, pools, seed: int) -> list[dict]:
+def answer_variant(cfg, spec: dict, pools, seed: int, tag: str = "") -> list[dict]:
     from nlsr.evaluation import load_for_eval
     model, tok = load_for_eval(cfg, spec["base"], spec["adapter"])
     drawn = draw(pools, spec["n"], seed)
     prompts = [data.format_prompt(p, "", cfg.data.template, tok) for _, p in drawn]
     raw = generate(model, tok, prompts, spec["max_new_tokens"], BATCH)
-    return [{"prompt": p, "answer": clean_answer(a), "variant": spec["variant"], "model": spec["model"],
+    variant = f"{tag}:{spec['variant']}" if tag else spec["variant"]
+    return [{"prompt": p, "answer": clean_answer(a), "variant": variant, "model": spec["model"],
              "max_new_tokens": spec["max_new_tokens"], "prompt_source": src, "split": split_of(p)}
             for (src, p), a in zip(drawn, raw)]
 
@@ -195,6 +202,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, help="folder: one answers-<variant>.jsonl per variant")
     ap.add_argument("--only", default="", help="comma-separated variants (default: all whose models exist)")
     ap.add_argument("--no-train", action="store_true", help="answer with the models that exist, train none")
+    ap.add_argument("--tag", default="", help="prefix of the variant names ('refusals' -> 'refusals:w0'): which "
+                    "cell answered, when the config's cell is not the one of round 1")
+    ap.add_argument("--seed-offset", type=int, default=1000, help="variant i draws its prompts with seed offset+i")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every variant's number of answers")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, [f"artifact_root={args.root}"])
     paths = cell_paths(cfg)
@@ -215,7 +226,8 @@ def main(argv=None) -> None:
             print(f"[answers] {spec['variant']}: model not there yet, skipped", flush=True)
             continue
         t0 = time.time()
-        rows = answer_variant(cfg, spec, pools, seed=1000 + i)
+        spec["n"] = max(1, round(spec["n"] * args.scale))
+        rows = answer_variant(cfg, spec, pools, seed=args.seed_offset + i, tag=args.tag)
         tmp = target.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         tmp.rename(target)
