@@ -23,13 +23,18 @@ SHIPPED = {"default-seeds": ({"aligned", "finetuned", "realigned", "restore-modu
            "defenses": ({"finetuned", "realigned", "resta", "vaccine", "nlsr-on-lisa"}, {}, {}),
            "table1-poison-ratio": ({"aligned", "finetuned", "realigned"}, {}, {"data.poison_ratio": None}),
            "table2-alignment": ({"aligned", "finetuned", "realigned"}, {"alignment.method": "dpo"},
-                                {"alignment.method": ["sft", "dpo", "orpo", "kto", "simpo"]})}
+                                {"alignment.method": ["sft", "dpo", "orpo", "kto", "simpo"]}),
+           "calibration": ({"aligned", "finetuned", "realigned", "restore-modules"}, {"scoring.calibration": "safe"},
+                           {}),
+           "table3-tasks": ({"aligned", "finetuned", "realigned", "restore-modules"}, {},
+                            {"data.task": ["sst2", "agnews", "gsm8k"]})}
 # folder -> the shipped folder whose rows it re-scores by the read labels in that folder's reading.jsonl
 BY_READING = {"default-seeds-by-reading": "default-seeds"}
 
 
 def _table(markdown: str) -> list[str]:
-    return [line for line in markdown.splitlines() if line.startswith("| sst2 |")]
+    """The summary table's rows (they start with the task)."""
+    return [line for line in markdown.splitlines() if line.startswith(("| sst2 |", "| agnews |", "| gsm8k |"))]
 
 
 def test_every_folder_with_rows_is_checked():
