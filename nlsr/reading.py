@@ -68,7 +68,7 @@ def relabel(rows: Iterable[dict], labels: dict[str, list[bool]]) -> list[dict]:
                               f"evaluation {r.get('eval_key')}")
         if len(flags) != len(judged):
             raise LabelsError(f"evaluation {r['eval_key']}: {len(flags)} labels for {len(judged)} prompts")
-        row = {k: v for k, v in r.items() if not k.startswith(f"{SCORE}_") or k[len(SCORE) + 1:] not in ("lo", "hi")}
+        row = {k: v for k, v in r.items() if k not in (f"{SCORE}_lo", f"{SCORE}_hi")}  # with_intervals redoes them
         row["verdicts"] = {**r["verdicts"], SCORE: stats.encode(flags)}
         row[SCORE], row[f"{SCORE}_judge"] = round(100 * sum(flags) / len(flags), 2), r.get(SCORE)
         out.append(with_intervals(row))
