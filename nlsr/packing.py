@@ -12,8 +12,9 @@ Two pieces, used only while a trainer trains (`training._run`):
   Anything else (padded batches, generation with a cache) goes to transformers' own SDPA unchanged.
 - `packed_batches(model)`: while it is active, a right-padded batch entering the decoder without a cache (a
   training forward) is packed into one sequence of its real tokens (positions restart per row), and the decoder's
-  output is scattered back to the padded layout, so the trainer's loss code sees the shapes it built. A row attends to what it attends to in the padded
-  batch and its pad positions (masked out of every loss) come back as zero vectors.
+  output is scattered back to the padded layout, so the trainer's loss code sees the shapes it built. A row
+  attends to what it attends to in the padded batch and its pad positions (masked out of every loss) come back as
+  zero vectors.
 
 Both compute the same function as the padded batch; only float rounding differs (hidden states ~1e-5 apart).
 """

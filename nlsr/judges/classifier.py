@@ -53,7 +53,7 @@ def recipe_hash() -> str:
     from ..config import stable_hash
     from .validation import RUNTIME_ROUNDS
     files = {name: data._checksums()[data.SAFETY_FILES[name]] for name in TRAIN_SETS}
-    for n in RUNTIME_TRAIN_ROUNDS:
+    for n in RUNTIME_TRAIN_ROUNDS:  # round 1 keeps the key it had before rounds existed: the hash stays
         path = RUNTIME_ROUNDS[n]
         files["runtime" if n == 1 else f"runtime-{n}"] = hashlib.sha256(path.read_bytes()).hexdigest() \
             if path.is_file() else None

@@ -89,13 +89,16 @@ def validate(judge, split: str = "test", rounds=None) -> dict:
     labels = [r["harmful"] for r in rows]
     out = {"split": split, **judge_metrics(labels, verdicts, probs),
            "seconds_per_128": round(128 * seconds / max(len(rows), 1), 2), "by_round": {}, "by_variant": {}}
+
+    def part(keep, with_auc: bool) -> dict:
+        idx = [i for i, r in enumerate(rows) if keep(r)]
+        auc = [probs[i] for i in idx] if with_auc and probs is not None else None
+        return judge_metrics([labels[i] for i in idx], [verdicts[i] for i in idx], auc)
+
     for n in sorted({r["round"] for r in rows}):
-        idx = [i for i, r in enumerate(rows) if r["round"] == n]
-        out["by_round"][str(n)] = judge_metrics([labels[i] for i in idx], [verdicts[i] for i in idx],
-                                                None if probs is None else [probs[i] for i in idx])
+        out["by_round"][str(n)] = part(lambda r: r["round"] == n, with_auc=True)
     for variant in sorted({v for r in rows for v in r["variants"]}):
-        idx = [i for i, r in enumerate(rows) if variant in r["variants"]]
-        out["by_variant"][variant] = judge_metrics([labels[i] for i in idx], [verdicts[i] for i in idx])
+        out["by_variant"][variant] = part(lambda r: variant in r["variants"], with_auc=False)
     return out
 
 

@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from nlsr.atomic import write_json  # noqa: E402
+from nlsr.data import read_jsonl, write_jsonl  # noqa: E402
 from nlsr.judges.validation import RUNTIME_ROUNDS, SPLITS, runtime_pairs  # noqa: E402
 
 LABELS = ("harmful", "safe")
@@ -38,10 +40,6 @@ LABELS = ("harmful", "safe")
 
 def pair_id(prompt: str, answer: str) -> str:
     return hashlib.sha1(f"{prompt}\0{answer}".encode()).hexdigest()[:12]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def unique_pairs(answer_dir: Path) -> dict[str, dict]:
@@ -112,18 +110,14 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     earlier = {r["id"] for r in runtime_pairs(rounds=[n for n in RUNTIME_ROUNDS
                                                       if n < args.round and RUNTIME_ROUNDS[n].is_file()])}
-    pairs = {pid: row for pid, row in unique_pairs(args.answers).items() if pid not in earlier}
+    answered = unique_pairs(args.answers)
+    pairs = {pid: row for pid, row in answered.items() if pid not in earlier}
     c = readings(args.readings / "c.jsonl") if (args.readings / "c.jsonl").is_file() else {}
     rows = labelled(pairs, readings(args.readings / "a.jsonl"), readings(args.readings / "b.jsonl"), c)
-    out = RUNTIME_ROUNDS[args.round]
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(out)
+    out = write_jsonl(rows, RUNTIME_ROUNDS[args.round])
     st = stats(runtime_pairs(rounds=[n for n in RUNTIME_ROUNDS if RUNTIME_ROUNDS[n].is_file()]))
-    stats_file = out.parent / "stats.json"
-    stats_file.with_suffix(".tmp").write_text(json.dumps(st, indent=2) + "\n")
-    stats_file.with_suffix(".tmp").replace(stats_file)
-    print(f"{len(rows)} pairs -> {out} ({len(earlier & set(unique_pairs(args.answers)))} already labelled earlier)")
+    write_json(st, out.parent / "stats.json")
+    print(f"{len(rows)} pairs -> {out} ({len(answered) - len(pairs)} already labelled earlier)")
     print(json.dumps({k: st[k] for k in ("pairs", "agreement", "cohen_kappa", "by_round")}, indent=1))
 
 

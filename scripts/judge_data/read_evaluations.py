@@ -29,7 +29,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from assemble_labels import agreement, labelled, pair_id, read_jsonl, readings  # noqa: E402
+from assemble_labels import agreement, labelled, pair_id, readings  # noqa: E402
+
+from nlsr.data import read_jsonl, write_jsonl  # noqa: E402
 
 
 def evaluations(root: Path, rows_file: Path, harmful_set: str) -> dict[str, list[dict]]:
@@ -59,8 +61,7 @@ def export(args) -> None:
         random.Random(seed).shuffle(order)
         for i in range(args.parts):
             part = order[i::args.parts][::-1] if reverse else order[i::args.parts]
-            (args.out / f"{name}{i + 1}.jsonl").write_text(
-                "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in part), encoding="utf-8")
+            write_jsonl(part, args.out / f"{name}{i + 1}.jsonl")
     print(f"{len(items)} distinct answers of {len(evals)} evaluations -> {args.out}/A*.jsonl, B*.jsonl "
           f"({args.parts} parts per pass)")
 
@@ -75,9 +76,7 @@ def assemble(args) -> None:
     rows = [{"eval_key": key, "index": i, "prompt": s["prompt"], "answer": s["answer"],
              **{k: read[pair_id(s["prompt"], s["answer"])][k] for k in ("label", "label_a", "label_b", "resolution")}}
             for key, samples in evals.items() for i, s in enumerate(samples)]
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(args.out)
+    write_jsonl(rows, args.out)
     print(f"{len(rows)} labelled answers ({len(read)} distinct) -> {args.out}; readings: "
           f"{json.dumps(agreement(list(read.values())))}")
 
